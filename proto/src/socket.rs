@@ -1,0 +1,499 @@
+//! Frames of the client/admin Unix socket of mm-server.
+//!
+//! Every frame is a 16-byte [`FrameHeader`] followed by a fixed-size payload
+//! whose length is determined by the opcode.  The first frame a client sends
+//! must be `Hello`; the server answers `HelloReply` with the version it
+//! chose, or `Error(BadVersion)`.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::{DecodeError, read_prefix, reserved_zero};
+
+/// Frame magic, `"MMUP"` read as a native-endian `u32` on little-endian.
+pub const MAGIC: u32 = 0x5055_4d4d;
+/// Version of the frame format carried in every header.
+pub const VERSION: u16 = 1;
+/// Lowest and highest socket protocol versions this crate speaks.
+pub const MIN_VERSION: u16 = 1;
+pub const MAX_VERSION: u16 = 1;
+
+/// Frame opcodes.
+pub mod op {
+    pub const HELLO: u16 = 1;
+    pub const HELLO_REPLY: u16 = 2;
+    pub const HINT: u16 = 3;
+    pub const QUERY: u16 = 4;
+    pub const QUERY_REPLY: u16 = 5;
+    pub const STATS: u16 = 6;
+    pub const STATS_REPLY: u16 = 7;
+    pub const OK: u16 = 8;
+    pub const ERROR: u16 = 9;
+}
+
+macro_rules! record {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+        pub struct $name { $($(#[$fm])* pub $f: $t),* }
+    };
+}
+
+record!(
+    /// Header of every frame.
+    FrameHeader {
+        magic: u32,
+        version: u16,
+        op: u16,
+        /// Payload bytes after the header.
+        len: u32,
+        reserved: u32,
+    }
+);
+
+record!(
+    /// `Hello` payload: the versions the client speaks.
+    HelloRec {
+        min_version: u16,
+        max_version: u16,
+        reserved0: u32,
+        features: u64,
+    }
+);
+
+record!(
+    /// `HelloReply` payload: the version the server chose.
+    HelloReplyRec {
+        version: u16,
+        reserved0: u16,
+        reserved1: u32,
+        features: u64,
+    }
+);
+
+record!(
+    /// `Hint` payload.
+    HintRec {
+        /// Target process; 0 = the caller.
+        pid: u32,
+        kind: u32,
+        addr: u64,
+        len: u64,
+        reserved: u64,
+    }
+);
+
+record!(
+    /// `Query` payload.
+    QueryRec {
+        pid: u32,
+        reserved: u32,
+        addr: u64,
+        len: u64,
+    }
+);
+
+record!(
+    /// `QueryReply` payload: where the pages of a range live.
+    QueryReplyRec {
+        pages: u64,
+        resident: u64,
+        on_managed: u64,
+        compressed_bytes: u64,
+    }
+);
+
+record!(
+    /// `StatsReply` payload: server counters.
+    StatsRec {
+        upcalls: u64,
+        write_faults: u64,
+        hint_faults: u64,
+        credit_requests: u64,
+        promotions: u64,
+        placements: u64,
+        denials: u64,
+        evictions: u64,
+        physical_used_bytes: u64,
+        physical_capacity_bytes: u64,
+        resident_pages: u64,
+        zero_pages: u64,
+    }
+);
+
+record!(
+    /// `Error` payload.
+    ErrorRec {
+        /// A negative errno.
+        errno: i32,
+        code: u16,
+        reserved: u16,
+    }
+);
+
+/// An application hint about a range of its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HintKind {
+    /// Keep in fast memory: never demote.
+    PinFast,
+    /// Cold: demote first.
+    Cold,
+    /// Never place on a compressed node.
+    NeverCompress,
+    /// Forget earlier hints for the range.
+    Clear,
+}
+
+impl HintKind {
+    pub fn code(self) -> u32 {
+        match self {
+            HintKind::PinFast => 1,
+            HintKind::Cold => 2,
+            HintKind::NeverCompress => 3,
+            HintKind::Clear => 4,
+        }
+    }
+
+    fn from_code(v: u32) -> Result<Self, DecodeError> {
+        Ok(match v {
+            1 => HintKind::PinFast,
+            2 => HintKind::Cold,
+            3 => HintKind::NeverCompress,
+            4 => HintKind::Clear,
+            other => {
+                return Err(DecodeError::Unknown {
+                    what: "hint kind",
+                    value: other,
+                });
+            }
+        })
+    }
+}
+
+/// Error codes of an `Error` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadVersion,
+    BadFrame,
+    PermissionDenied,
+    Invalid,
+    NotFound,
+    Busy,
+    Unsupported,
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u16 {
+        match self {
+            ErrorCode::BadVersion => 1,
+            ErrorCode::BadFrame => 2,
+            ErrorCode::PermissionDenied => 3,
+            ErrorCode::Invalid => 4,
+            ErrorCode::NotFound => 5,
+            ErrorCode::Busy => 6,
+            ErrorCode::Unsupported => 7,
+        }
+    }
+
+    fn from_code(v: u16) -> Result<Self, DecodeError> {
+        Ok(match v {
+            1 => ErrorCode::BadVersion,
+            2 => ErrorCode::BadFrame,
+            3 => ErrorCode::PermissionDenied,
+            4 => ErrorCode::Invalid,
+            5 => ErrorCode::NotFound,
+            6 => ErrorCode::Busy,
+            7 => ErrorCode::Unsupported,
+            other => {
+                return Err(DecodeError::Unknown {
+                    what: "error code",
+                    value: other.into(),
+                });
+            }
+        })
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    Hello {
+        min_version: u16,
+        max_version: u16,
+        features: u64,
+    },
+    HelloReply {
+        version: u16,
+        features: u64,
+    },
+    Hint {
+        pid: u32,
+        kind: HintKind,
+        addr: u64,
+        len: u64,
+    },
+    Query {
+        pid: u32,
+        addr: u64,
+        len: u64,
+    },
+    QueryReply(QueryReplyRec),
+    Stats,
+    StatsReply(StatsRec),
+    Ok,
+    Error {
+        errno: i32,
+        code: ErrorCode,
+    },
+}
+
+/// Size of the frame header.
+pub const HEADER_SIZE: usize = core::mem::size_of::<FrameHeader>();
+/// Size of the largest frame.
+pub const MAX_FRAME_SIZE: usize = HEADER_SIZE + core::mem::size_of::<StatsRec>();
+
+fn payload_len(op: u16) -> Option<usize> {
+    Some(match op {
+        op::HELLO => core::mem::size_of::<HelloRec>(),
+        op::HELLO_REPLY => core::mem::size_of::<HelloReplyRec>(),
+        op::HINT => core::mem::size_of::<HintRec>(),
+        op::QUERY => core::mem::size_of::<QueryRec>(),
+        op::QUERY_REPLY => core::mem::size_of::<QueryReplyRec>(),
+        op::STATS | op::OK => 0,
+        op::STATS_REPLY => core::mem::size_of::<StatsRec>(),
+        op::ERROR => core::mem::size_of::<ErrorRec>(),
+        _ => return None,
+    })
+}
+
+impl Frame {
+    pub fn op(&self) -> u16 {
+        match self {
+            Frame::Hello { .. } => op::HELLO,
+            Frame::HelloReply { .. } => op::HELLO_REPLY,
+            Frame::Hint { .. } => op::HINT,
+            Frame::Query { .. } => op::QUERY,
+            Frame::QueryReply(_) => op::QUERY_REPLY,
+            Frame::Stats => op::STATS,
+            Frame::StatsReply(_) => op::STATS_REPLY,
+            Frame::Ok => op::OK,
+            Frame::Error { .. } => op::ERROR,
+        }
+    }
+
+    /// Encode into `out`; returns the number of bytes written.
+    ///
+    /// # Panics
+    ///
+    /// If `out` is shorter than [`MAX_FRAME_SIZE`].
+    pub fn encode(&self, out: &mut [u8]) -> usize {
+        fn put<T: IntoBytes + Immutable>(out: &mut [u8], op: u16, rec: Option<&T>) -> usize {
+            let body = rec.map_or(&[][..], |r| r.as_bytes());
+            let hdr = FrameHeader {
+                magic: MAGIC,
+                version: VERSION,
+                op,
+                len: body.len() as u32,
+                reserved: 0,
+            };
+            out[..HEADER_SIZE].copy_from_slice(hdr.as_bytes());
+            out[HEADER_SIZE..HEADER_SIZE + body.len()].copy_from_slice(body);
+            HEADER_SIZE + body.len()
+        }
+        let op = self.op();
+        match *self {
+            Frame::Hello {
+                min_version,
+                max_version,
+                features,
+            } => put(
+                out,
+                op,
+                Some(&HelloRec {
+                    min_version,
+                    max_version,
+                    reserved0: 0,
+                    features,
+                }),
+            ),
+            Frame::HelloReply { version, features } => put(
+                out,
+                op,
+                Some(&HelloReplyRec {
+                    version,
+                    features,
+                    ..HelloReplyRec::default()
+                }),
+            ),
+            Frame::Hint {
+                pid,
+                kind,
+                addr,
+                len,
+            } => put(
+                out,
+                op,
+                Some(&HintRec {
+                    pid,
+                    kind: kind.code(),
+                    addr,
+                    len,
+                    reserved: 0,
+                }),
+            ),
+            Frame::Query { pid, addr, len } => put(
+                out,
+                op,
+                Some(&QueryRec {
+                    pid,
+                    reserved: 0,
+                    addr,
+                    len,
+                }),
+            ),
+            Frame::QueryReply(r) => put(out, op, Some(&r)),
+            Frame::Stats | Frame::Ok => put::<ErrorRec>(out, op, None),
+            Frame::StatsReply(r) => put(out, op, Some(&r)),
+            Frame::Error { errno, code } => put(
+                out,
+                op,
+                Some(&ErrorRec {
+                    errno,
+                    code: code.code(),
+                    reserved: 0,
+                }),
+            ),
+        }
+    }
+
+    /// Decode and validate a frame header; returns the header and the total
+    /// frame size, so a stream reader knows how much more to read.
+    ///
+    /// # Errors
+    ///
+    /// [`DecodeError::Short`], [`DecodeError::BadMagic`],
+    /// [`DecodeError::BadVersion`], [`DecodeError::ReservedNonZero`],
+    /// [`DecodeError::Unknown`] (opcode), [`DecodeError::BadLength`].
+    pub fn decode_header(buf: &[u8]) -> Result<(FrameHeader, usize), DecodeError> {
+        let h: FrameHeader = read_prefix(buf)?;
+        if h.magic != MAGIC {
+            return Err(DecodeError::BadMagic { got: h.magic });
+        }
+        if h.version != VERSION {
+            return Err(DecodeError::BadVersion {
+                got: h.version,
+                min: VERSION,
+                max: VERSION,
+            });
+        }
+        reserved_zero("reserved", h.reserved.into())?;
+        let expected = payload_len(h.op).ok_or(DecodeError::Unknown {
+            what: "frame opcode",
+            value: h.op.into(),
+        })?;
+        if h.len as usize != expected {
+            return Err(DecodeError::BadLength {
+                op: h.op,
+                len: h.len,
+                expected: expected as u32,
+            });
+        }
+        Ok((h, HEADER_SIZE + expected))
+    }
+
+    /// Decode one frame from the start of `buf`; returns it and the bytes
+    /// it took.
+    ///
+    /// # Errors
+    ///
+    /// As [`Frame::decode_header`], plus payload errors: `Unknown` (hint
+    /// kind, error code), `ReservedNonZero`, `Invalid` (empty version range).
+    pub fn decode(buf: &[u8]) -> Result<(Frame, usize), DecodeError> {
+        let (h, total) = Self::decode_header(buf)?;
+        if buf.len() < total {
+            return Err(DecodeError::Short {
+                need: total,
+                got: buf.len(),
+            });
+        }
+        let p = &buf[HEADER_SIZE..total];
+        let frame = match h.op {
+            op::HELLO => {
+                let r: HelloRec = read_prefix(p)?;
+                reserved_zero("reserved0", r.reserved0.into())?;
+                if r.min_version == 0 || r.min_version > r.max_version {
+                    return Err(DecodeError::Invalid {
+                        field: "min_version",
+                        value: r.min_version.into(),
+                    });
+                }
+                Frame::Hello {
+                    min_version: r.min_version,
+                    max_version: r.max_version,
+                    features: r.features,
+                }
+            }
+            op::HELLO_REPLY => {
+                let r: HelloReplyRec = read_prefix(p)?;
+                reserved_zero("reserved0", r.reserved0.into())?;
+                reserved_zero("reserved1", r.reserved1.into())?;
+                if !(MIN_VERSION..=MAX_VERSION).contains(&r.version) {
+                    return Err(DecodeError::BadVersion {
+                        got: r.version,
+                        min: MIN_VERSION,
+                        max: MAX_VERSION,
+                    });
+                }
+                Frame::HelloReply {
+                    version: r.version,
+                    features: r.features,
+                }
+            }
+            op::HINT => {
+                let r: HintRec = read_prefix(p)?;
+                reserved_zero("reserved", r.reserved)?;
+                Frame::Hint {
+                    pid: r.pid,
+                    kind: HintKind::from_code(r.kind)?,
+                    addr: r.addr,
+                    len: r.len,
+                }
+            }
+            op::QUERY => {
+                let r: QueryRec = read_prefix(p)?;
+                reserved_zero("reserved", r.reserved.into())?;
+                Frame::Query {
+                    pid: r.pid,
+                    addr: r.addr,
+                    len: r.len,
+                }
+            }
+            op::QUERY_REPLY => Frame::QueryReply(read_prefix(p)?),
+            op::STATS => Frame::Stats,
+            op::STATS_REPLY => Frame::StatsReply(read_prefix(p)?),
+            op::OK => Frame::Ok,
+            op::ERROR => {
+                let r: ErrorRec = read_prefix(p)?;
+                reserved_zero("reserved", r.reserved.into())?;
+                if r.errno >= 0 {
+                    return Err(DecodeError::Invalid {
+                        field: "errno",
+                        value: r.errno as u64,
+                    });
+                }
+                Frame::Error {
+                    errno: r.errno,
+                    code: ErrorCode::from_code(r.code)?,
+                }
+            }
+            // decode_header rejected every other opcode.
+            other => {
+                return Err(DecodeError::Unknown {
+                    what: "frame opcode",
+                    value: other.into(),
+                });
+            }
+        };
+        Ok((frame, total))
+    }
+}

@@ -1,0 +1,557 @@
+//! Property tests: every typed record survives encode/decode, and no decoder
+//! panics on arbitrary bytes.
+
+use mm_upcall_proto::DecodeError;
+use mm_upcall_proto::control::{self, Control, HelloReply};
+use mm_upcall_proto::event::{self, Event, PlaceReason};
+use mm_upcall_proto::raw::{self, API_VERSION, CTRL_CMD_SIZE, ctrl_op, io_op};
+use mm_upcall_proto::socket::{self, ErrorCode, Frame, HintKind, MAX_FRAME_SIZE};
+use mm_upcall_proto::upcall::{Fault, Request, Upcall};
+use mm_upcall_proto::verdict::{IoCommand, Verdict};
+use proptest::prelude::*;
+use zerocopy::IntoBytes;
+
+fn fault() -> impl Strategy<Value = Fault> {
+    (
+        any::<u16>(),
+        any::<u16>(),
+        0u32..20,
+        any::<bool>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(nid, cpu_nid, order, thp, tgid, tid, pfn, vaddr)| Fault {
+            nid,
+            cpu_nid,
+            order,
+            thp,
+            tgid,
+            tid,
+            pfn,
+            vaddr,
+        })
+}
+
+fn upcall() -> impl Strategy<Value = Upcall> {
+    prop_oneof![
+        fault().prop_map(Upcall::WriteFault),
+        (fault(), any::<u64>()).prop_map(|(fault, since_scan_ms)| Upcall::HintFault {
+            fault,
+            since_scan_ms
+        }),
+        (any::<u16>(), any::<u64>())
+            .prop_map(|(nid, wanted_pages)| Upcall::DemoteCredit { nid, wanted_pages }),
+        any::<u32>().prop_map(|cookie| Upcall::Ping { cookie }),
+    ]
+}
+
+fn verdict() -> impl Strategy<Value = Verdict> {
+    prop_oneof![
+        any::<u16>().prop_map(|nid| Verdict::Promote { nid }),
+        Just(Verdict::AllowInPlace),
+        Just(Verdict::Stay),
+        any::<u32>().prop_map(|pages| Verdict::Grant { pages }),
+        Just(Verdict::Deny),
+        Just(Verdict::Default),
+        any::<u32>().prop_map(|cookie| Verdict::Pong { cookie }),
+    ]
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    let reason = prop_oneof![
+        Just(PlaceReason::Demotion),
+        Just(PlaceReason::Migration),
+        Just(PlaceReason::Resync)
+    ];
+    prop_oneof![
+        (
+            any::<u16>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            reason
+        )
+            .prop_map(|(nid, pfn, order, tgid, vaddr, reason)| Event::Placed {
+                nid,
+                pfn,
+                order,
+                tgid,
+                vaddr,
+                reason
+            }),
+        (any::<u16>(), any::<u64>(), any::<u32>()).prop_map(|(nid, pfn, order)| Event::Freed {
+            nid,
+            pfn,
+            order
+        }),
+        (any::<u16>(), any::<u16>(), any::<u64>(), any::<u32>()).prop_map(
+            |(nid, target_nid, pfn, order)| Event::Promoted {
+                nid,
+                target_nid,
+                pfn,
+                order
+            }
+        ),
+        any::<u64>().prop_map(|lost| Event::Overflow { lost }),
+    ]
+}
+
+fn control() -> impl Strategy<Value = Control> {
+    prop_oneof![
+        (
+            1..=raw::MAX_QUEUES,
+            1..=raw::MAX_QUEUE_DEPTH,
+            0..=raw::MAX_TIMEOUT_MS,
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(nr_queues, queue_depth, timeout_ms, features, reply_addr)| Control::Hello {
+                    nr_queues,
+                    queue_depth,
+                    timeout_ms,
+                    features,
+                    reply_addr
+                }
+            ),
+        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(nid, credit_pages, reply_addr)| {
+            Control::AttachNode {
+                nid,
+                credit_pages,
+                reply_addr,
+            }
+        }),
+        any::<u32>().prop_map(|nid| Control::DetachNode { nid }),
+        (any::<u32>(), any::<u64>()).prop_map(|(nid, pages)| Control::SetCredit { nid, pages }),
+        (any::<u64>(), any::<u32>()).prop_map(|(pfn, nid)| Control::PromotePfn { pfn, nid }),
+        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(nid, start_pfn, nr_pages)| {
+            Control::Resync {
+                nid,
+                start_pfn,
+                nr_pages,
+            }
+        }),
+        (any::<u32>(), 1..=u16::MAX, any::<u64>()).prop_map(
+            |(nr_upcalls, nr_threads, reply_addr)| {
+                Control::Ping {
+                    nr_upcalls,
+                    nr_threads,
+                    reply_addr,
+                }
+            }
+        ),
+    ]
+}
+
+fn frame() -> impl Strategy<Value = Frame> {
+    let kind = prop_oneof![
+        Just(HintKind::PinFast),
+        Just(HintKind::Cold),
+        Just(HintKind::NeverCompress),
+        Just(HintKind::Clear)
+    ];
+    let code = prop_oneof![
+        Just(ErrorCode::BadVersion),
+        Just(ErrorCode::BadFrame),
+        Just(ErrorCode::PermissionDenied),
+        Just(ErrorCode::Invalid),
+        Just(ErrorCode::NotFound),
+        Just(ErrorCode::Busy),
+        Just(ErrorCode::Unsupported)
+    ];
+    prop_oneof![
+        (1u16..10, 0u16..10, any::<u64>()).prop_map(|(min, extra, features)| Frame::Hello {
+            min_version: min,
+            max_version: min + extra,
+            features
+        }),
+        any::<u64>().prop_map(|features| Frame::HelloReply {
+            version: 1,
+            features
+        }),
+        (any::<u32>(), kind, any::<u64>(), any::<u64>()).prop_map(|(pid, kind, addr, len)| {
+            Frame::Hint {
+                pid,
+                kind,
+                addr,
+                len,
+            }
+        }),
+        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(pid, addr, len)| Frame::Query {
+            pid,
+            addr,
+            len
+        }),
+        any::<[u64; 4]>().prop_map(|a| Frame::QueryReply(socket::QueryReplyRec {
+            pages: a[0],
+            resident: a[1],
+            on_managed: a[2],
+            compressed_bytes: a[3]
+        })),
+        Just(Frame::Stats),
+        any::<[u64; 12]>().prop_map(|a| Frame::StatsReply(socket::StatsRec {
+            upcalls: a[0],
+            write_faults: a[1],
+            hint_faults: a[2],
+            credit_requests: a[3],
+            promotions: a[4],
+            placements: a[5],
+            denials: a[6],
+            evictions: a[7],
+            physical_used_bytes: a[8],
+            physical_capacity_bytes: a[9],
+            resident_pages: a[10],
+            zero_pages: a[11]
+        })),
+        Just(Frame::Ok),
+        (i32::MIN..0, code).prop_map(|(errno, code)| Frame::Error { errno, code }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn request_round_trips(seq in any::<u32>(), upcall in upcall()) {
+        let req = Request { seq, upcall };
+        let raw = req.to_raw();
+        prop_assert_eq!(Request::decode(raw.as_bytes()), Ok(req));
+    }
+
+    #[test]
+    fn io_command_round_trips(q_id in any::<u16>(), slot in any::<u16>(), seq in any::<u32>(),
+                              v in verdict(), fetch in any::<bool>()) {
+        let cmd = if fetch {
+            IoCommand::Fetch { q_id, slot }
+        } else {
+            IoCommand::CommitAndFetch { q_id, slot, seq, verdict: v }
+        };
+        prop_assert_eq!(IoCommand::decode(cmd.cmd_op(), cmd.to_raw().as_bytes()), Ok(cmd));
+    }
+
+    #[test]
+    fn event_batch_round_trips(evs in proptest::collection::vec(event(), 0..16)) {
+        let mut buf = Vec::new();
+        for e in &evs {
+            buf.extend_from_slice(e.to_raw().as_bytes());
+        }
+        let back: Result<Vec<Event>, DecodeError> = event::decode_batch(&buf).collect();
+        prop_assert_eq!(back, Ok(evs));
+    }
+
+    #[test]
+    fn control_round_trips(c in control()) {
+        prop_assert_eq!(Control::decode(c.cmd_op(), &c.encode()), Ok(c));
+    }
+
+    #[test]
+    fn frame_round_trips(f in frame()) {
+        let mut buf = [0u8; MAX_FRAME_SIZE];
+        let n = f.encode(&mut buf);
+        prop_assert_eq!(Frame::decode(&buf[..n]), Ok((f, n)));
+        // Every strict prefix is reported short, never misread.
+        for cut in 0..n {
+            let is_short = matches!(Frame::decode(&buf[..cut]), Err(DecodeError::Short { .. }));
+            prop_assert!(is_short);
+        }
+    }
+
+    #[test]
+    fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200),
+                            cmd_op in any::<u32>()) {
+        let _ = Request::decode(&bytes);
+        let _ = IoCommand::decode(cmd_op, &bytes);
+        let _ = IoCommand::decode(io_op::COMMIT_AND_FETCH, &bytes);
+        let _ = event::decode_batch(&bytes).count();
+        let _ = Control::decode(cmd_op, &bytes);
+        for op in [ctrl_op::HELLO, ctrl_op::ATTACH_NODE, ctrl_op::PING, ctrl_op::RESYNC] {
+            let _ = Control::decode(op, &bytes);
+        }
+        let _ = HelloReply::decode(&bytes);
+        let _ = control::decode_node_info(&bytes);
+        let _ = control::decode_ping_reply(&bytes);
+        let _ = Frame::decode(&bytes);
+    }
+
+    #[test]
+    fn any_reserved_bit_in_a_descriptor_is_rejected(bit in 0u32..64, upcall in upcall()) {
+        let mut raw = Request { seq: 1, upcall }.to_raw();
+        raw.reserved = 1u64 << bit;
+        prop_assert_eq!(Request::decode(raw.as_bytes()),
+                        Err(DecodeError::ReservedNonZero { field: "reserved" }));
+    }
+}
+
+#[test]
+fn unknown_upcall_opcode_is_a_typed_error() {
+    for op in [0u16, 5, 0xffff] {
+        let raw = raw::Desc {
+            op,
+            ..raw::Desc::default()
+        };
+        assert_eq!(
+            Request::decode(raw.as_bytes()),
+            Err(DecodeError::Unknown {
+                what: "upcall opcode",
+                value: u32::from(op)
+            })
+        );
+    }
+}
+
+#[test]
+fn short_descriptor_is_a_typed_error() {
+    let raw = Request {
+        seq: 7,
+        upcall: Upcall::Ping { cookie: 9 },
+    }
+    .to_raw();
+    assert_eq!(
+        Request::decode(&raw.as_bytes()[..55]),
+        Err(DecodeError::Short { need: 56, got: 55 })
+    );
+}
+
+#[test]
+fn ping_with_fault_fields_is_rejected() {
+    let mut raw = Request {
+        seq: 7,
+        upcall: Upcall::Ping { cookie: 9 },
+    }
+    .to_raw();
+    raw.pfn = 0x1000;
+    assert_eq!(
+        Request::decode(raw.as_bytes()),
+        Err(DecodeError::ReservedNonZero { field: "pfn" })
+    );
+}
+
+#[test]
+fn write_fault_with_no_wait_flag_is_rejected() {
+    let mut raw = Request {
+        seq: 1,
+        upcall: Upcall::WriteFault(Fault {
+            nid: 1,
+            cpu_nid: 0,
+            order: 0,
+            thp: false,
+            tgid: 1,
+            tid: 1,
+            pfn: 1,
+            vaddr: 0x1000,
+        }),
+    }
+    .to_raw();
+    raw.flags = raw::desc_flags::NO_WAIT;
+    assert!(matches!(
+        Request::decode(raw.as_bytes()),
+        Err(DecodeError::ReservedNonZero { .. })
+    ));
+    raw.flags = 0x80;
+    assert!(matches!(
+        Request::decode(raw.as_bytes()),
+        Err(DecodeError::ReservedNonZero { .. })
+    ));
+}
+
+#[test]
+fn verdict_with_an_argument_it_does_not_take_is_rejected() {
+    let c = raw::IoCmd {
+        verdict: raw::verdict::DENY,
+        arg: 3,
+        ..raw::IoCmd::default()
+    };
+    assert_eq!(
+        IoCommand::decode(io_op::COMMIT_AND_FETCH, c.as_bytes()),
+        Err(DecodeError::ReservedNonZero { field: "arg" })
+    );
+    let c = raw::IoCmd {
+        verdict: 0,
+        ..raw::IoCmd::default()
+    };
+    assert_eq!(
+        IoCommand::decode(io_op::COMMIT_AND_FETCH, c.as_bytes()),
+        Err(DecodeError::Unknown {
+            what: "verdict",
+            value: 0
+        })
+    );
+    let c = raw::IoCmd {
+        verdict: raw::verdict::PROMOTE,
+        arg: 0x1_0000,
+        ..raw::IoCmd::default()
+    };
+    assert!(matches!(
+        IoCommand::decode(io_op::COMMIT_AND_FETCH, c.as_bytes()),
+        Err(DecodeError::Invalid { field: "arg", .. })
+    ));
+}
+
+#[test]
+fn fetch_with_a_verdict_is_rejected() {
+    let c = raw::IoCmd {
+        verdict: raw::verdict::STAY,
+        ..raw::IoCmd::default()
+    };
+    assert_eq!(
+        IoCommand::decode(io_op::FETCH, c.as_bytes()),
+        Err(DecodeError::ReservedNonZero { field: "verdict" })
+    );
+}
+
+#[test]
+fn verdicts_are_only_valid_for_their_upcalls() {
+    use raw::op;
+    assert!(Verdict::AllowInPlace.valid_for(op::WRITE_FAULT));
+    assert!(!Verdict::AllowInPlace.valid_for(op::HINT_FAULT));
+    assert!(Verdict::Stay.valid_for(op::HINT_FAULT));
+    assert!(!Verdict::Stay.valid_for(op::WRITE_FAULT));
+    assert!(Verdict::Grant { pages: 1 }.valid_for(op::DEMOTE_CREDIT));
+    assert!(!Verdict::Grant { pages: 1 }.valid_for(op::PING));
+    assert!(Verdict::Pong { cookie: 1 }.valid_for(op::PING));
+    assert!(!Verdict::Promote { nid: 0 }.valid_for(op::DEMOTE_CREDIT));
+    for o in [op::WRITE_FAULT, op::HINT_FAULT, op::DEMOTE_CREDIT, op::PING] {
+        assert!(Verdict::Default.valid_for(o));
+    }
+}
+
+#[test]
+fn hello_of_another_version_is_bad_version() {
+    let mut area = Control::Hello {
+        nr_queues: 1,
+        queue_depth: 8,
+        timeout_ms: 0,
+        features: raw::features::ALL,
+        reply_addr: 0,
+    }
+    .encode();
+    area[0] = 2;
+    assert_eq!(
+        Control::decode(ctrl_op::HELLO, &area),
+        Err(DecodeError::BadVersion {
+            got: 2,
+            min: API_VERSION,
+            max: API_VERSION
+        })
+    );
+}
+
+#[test]
+fn control_with_non_zero_tail_is_rejected() {
+    let mut area = Control::DetachNode { nid: 1 }.encode();
+    area[CTRL_CMD_SIZE - 1] = 1;
+    assert_eq!(
+        Control::decode(ctrl_op::DETACH_NODE, &area),
+        Err(DecodeError::ReservedNonZero { field: "tail" })
+    );
+    let mut area = Control::SetCredit { nid: 1, pages: 2 }.encode();
+    area[4] = 1; // flags
+    assert_eq!(
+        Control::decode(ctrl_op::SET_CREDIT, &area),
+        Err(DecodeError::ReservedNonZero { field: "flags" })
+    );
+}
+
+#[test]
+fn unknown_control_opcode_is_a_typed_error() {
+    assert_eq!(
+        Control::decode(0, &[0u8; CTRL_CMD_SIZE]),
+        Err(DecodeError::Unknown {
+            what: "control cmd_op",
+            value: 0
+        })
+    );
+    // A hot-path opcode is not a control command.
+    assert!(matches!(
+        Control::decode(io_op::FETCH, &[0u8; CTRL_CMD_SIZE]),
+        Err(DecodeError::Unknown { .. })
+    ));
+}
+
+#[test]
+fn opcodes_never_use_zero_and_are_distinct() {
+    let all = [
+        io_op::FETCH,
+        io_op::COMMIT_AND_FETCH,
+        ctrl_op::HELLO,
+        ctrl_op::ATTACH_NODE,
+        ctrl_op::DETACH_NODE,
+        ctrl_op::SET_CREDIT,
+        ctrl_op::PROMOTE_PFN,
+        ctrl_op::RESYNC,
+        ctrl_op::PING,
+    ];
+    for (i, a) in all.iter().enumerate() {
+        assert_ne!(*a & 0xff, 0, "opcode number 0 used");
+        for b in &all[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+}
+
+#[test]
+fn event_batch_with_trailing_garbage_ends_in_short() {
+    let mut buf = Event::Overflow { lost: 3 }.to_raw().as_bytes().to_vec();
+    buf.extend_from_slice(&[1, 2, 3]);
+    let v: Vec<_> = event::decode_batch(&buf).collect();
+    assert_eq!(
+        v,
+        vec![
+            Ok(Event::Overflow { lost: 3 }),
+            Err(DecodeError::Short { need: 40, got: 3 })
+        ]
+    );
+}
+
+#[test]
+fn frame_with_wrong_magic_version_or_length_is_rejected() {
+    let mut buf = [0u8; MAX_FRAME_SIZE];
+    let n = Frame::Stats.encode(&mut buf);
+    let mut bad = buf;
+    bad[0] ^= 1;
+    assert!(matches!(
+        Frame::decode(&bad[..n]),
+        Err(DecodeError::BadMagic { .. })
+    ));
+    let mut bad = buf;
+    bad[4] = 2;
+    assert!(matches!(
+        Frame::decode(&bad[..n]),
+        Err(DecodeError::BadVersion { got: 2, .. })
+    ));
+    let mut bad = buf;
+    bad[8] = 4;
+    assert!(matches!(
+        Frame::decode(&bad[..n + 4]),
+        Err(DecodeError::BadLength { .. })
+    ));
+    let mut bad = buf;
+    bad[6] = 99;
+    assert!(matches!(
+        Frame::decode(&bad[..n]),
+        Err(DecodeError::Unknown { .. })
+    ));
+    let mut bad = buf;
+    bad[12] = 1;
+    assert!(matches!(
+        Frame::decode(&bad[..n]),
+        Err(DecodeError::ReservedNonZero { .. })
+    ));
+}
+
+#[test]
+fn hello_reply_checks_descriptor_size() {
+    let r = raw::HelloReply {
+        api_version: API_VERSION,
+        desc_size: 48,
+        ..raw::HelloReply::default()
+    };
+    assert!(matches!(
+        HelloReply::decode(r.as_bytes()),
+        Err(DecodeError::Invalid {
+            field: "desc_size",
+            ..
+        })
+    ));
+}

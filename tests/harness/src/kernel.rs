@@ -1,0 +1,252 @@
+//! `cargo xtask kernel`: build the patched Linux 6.12 kernel for the test bed.
+//!
+//! Debian's `linux-source-6.12` tarball is unpacked once under
+//! `target/kernel/`, the series in `kernel-upcall/linux/patches/` is applied,
+//! the tree is configured with `make tinyconfig` plus
+//! `kernel-upcall/linux/config-fragment`, and a bzImage is built.  The image
+//! is cached under `target/kernel/cache/<key>/`, where the key hashes the
+//! source package version, every patch and the fragment, so an unchanged
+//! series never rebuilds.  When the series changes, the previously applied
+//! patches are reversed in place so that `make` only rebuilds what changed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::util::{self, output, run_logged, target_dir, workspace_root};
+
+/// Debian packages the kernel build and the VM need.
+pub const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "linux-source-6.12",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    "python3-ply",
+    "gcc",
+    "make",
+    "xz-utils",
+];
+
+const TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
+const TREE_NAME: &str = "linux-source-6.12";
+
+/// Paths of the kernel sources kept in the repository.
+pub struct Series {
+    pub patches: Vec<PathBuf>,
+    pub fragment: PathBuf,
+    pub header: PathBuf,
+}
+
+impl Series {
+    pub fn load() -> Result<Self> {
+        let base = workspace_root().join("kernel-upcall/linux");
+        let mut patches: Vec<PathBuf> = fs::read_dir(base.join("patches"))
+            .context("cannot list kernel-upcall/linux/patches")?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                name.ends_with(".patch") && !name.starts_with("0000-")
+            })
+            .collect();
+        patches.sort();
+        Ok(Self {
+            patches,
+            fragment: base.join("config-fragment"),
+            header: base.join("include/uapi/linux/mm_upcall.h"),
+        })
+    }
+}
+
+/// The built kernel.
+pub struct Kernel {
+    pub bzimage: PathBuf,
+    /// The configured source tree (for `scripts/checkpatch.pl`).
+    pub tree: PathBuf,
+}
+
+fn source_version() -> Result<String> {
+    let v = output(Command::new("dpkg-query").args(["-W", "-f=${Version}", "linux-source-6.12"]))?;
+    Ok(v.trim().to_string())
+}
+
+fn cache_key(series: &Series, version: &str) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(b"mm-upcall kernel cache v1\0");
+    h.update(version.as_bytes());
+    for p in &series.patches {
+        h.update(p.file_name().unwrap_or_default().as_encoded_bytes());
+        h.update(b"\0");
+        h.update(fs::read(p).with_context(|| format!("cannot read {}", p.display()))?);
+    }
+    h.update(fs::read(&series.fragment).context("cannot read the config fragment")?);
+    let digest = h.finalize();
+    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Ensure the tools exist, then return the cached kernel or build it.
+pub fn ensure() -> Result<Kernel> {
+    util::ensure_packages(PACKAGES)?;
+    let series = Series::load()?;
+    let version = source_version()?;
+    let key = cache_key(&series, &version)?;
+    let kdir = target_dir().join("kernel");
+    let tree = kdir.join(TREE_NAME);
+    let cached = kdir.join("cache").join(&key).join("bzImage");
+    if cached.exists() && tree.join(".config").exists() {
+        eprintln!("xtask: kernel {key} is cached ({})", cached.display());
+        return Ok(Kernel {
+            bzimage: cached,
+            tree,
+        });
+    }
+    eprintln!(
+        "xtask: building kernel {key} (linux-source-6.12 {version}); log in target/kernel/build.log"
+    );
+    fs::create_dir_all(&kdir)?;
+    let log = kdir.join("build.log");
+    let _ = fs::remove_file(&log);
+    prepare_tree(&kdir, &tree, &series, &version, &log)?;
+    configure(&tree, &series.fragment, &log)?;
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    run_logged(
+        Command::new("make")
+            .current_dir(&tree)
+            .arg(format!("-j{jobs}"))
+            .arg("bzImage"),
+        &log,
+    )
+    .context("kernel build failed")?;
+    let dir = cached.parent().expect("cache path has a parent");
+    fs::create_dir_all(dir)?;
+    fs::copy(tree.join("arch/x86/boot/bzImage"), &cached)?;
+    fs::copy(tree.join(".config"), dir.join("config"))?;
+    eprintln!("xtask: kernel built: {}", cached.display());
+    Ok(Kernel {
+        bzimage: cached,
+        tree,
+    })
+}
+
+/// Unpack the tree if needed, reverse the previously applied series and
+/// apply the current one.
+fn prepare_tree(
+    kdir: &Path,
+    tree: &Path,
+    series: &Series,
+    version: &str,
+    log: &Path,
+) -> Result<()> {
+    let applied_dir = kdir.join("applied");
+    let stamp = kdir.join("source-version");
+    let fresh_needed = !tree.join("Makefile").exists()
+        || fs::read_to_string(&stamp)
+            .map(|s| s.trim() != version)
+            .unwrap_or(true)
+        || !revert_applied(tree, &applied_dir, log);
+    if fresh_needed {
+        eprintln!("xtask: unpacking {TARBALL}");
+        let _ = fs::remove_dir_all(tree);
+        let _ = fs::remove_dir_all(&applied_dir);
+        util::run(Command::new("tar").current_dir(kdir).args(["xf", TARBALL]))?;
+        fs::write(&stamp, version)?;
+    }
+    fs::create_dir_all(&applied_dir)?;
+    for (i, p) in series.patches.iter().enumerate() {
+        run_logged(
+            Command::new("patch")
+                .current_dir(tree)
+                .args(["-p1", "--forward", "--batch", "-i"])
+                .arg(p),
+            log,
+        )
+        .with_context(|| format!("patch {} does not apply", p.display()))?;
+        fs::copy(p, applied_dir.join(format!("{i:04}.patch")))?;
+    }
+    let in_tree = fs::read(tree.join("include/uapi/linux/mm_upcall.h")).unwrap_or_default();
+    if in_tree != fs::read(&series.header)? {
+        bail!(
+            "the series' include/uapi/linux/mm_upcall.h differs from \
+             kernel-upcall/linux/include/uapi/linux/mm_upcall.h (the source of truth); \
+             regenerate the patch that adds the header"
+        );
+    }
+    Ok(())
+}
+
+/// Reverse the patches recorded in `applied_dir`, newest first.  Returns
+/// false when the tree cannot be restored (then it is unpacked again).
+fn revert_applied(tree: &Path, applied_dir: &Path, log: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(applied_dir) else {
+        return true;
+    };
+    let mut applied: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    applied.sort();
+    for p in applied.iter().rev() {
+        let ok = run_logged(
+            Command::new("patch")
+                .current_dir(tree)
+                .args(["-R", "-p1", "--batch", "-i"])
+                .arg(p),
+            log,
+        )
+        .is_ok();
+        if !ok {
+            eprintln!(
+                "xtask: cannot reverse {}; unpacking a fresh tree",
+                p.display()
+            );
+            return false;
+        }
+        let _ = fs::remove_file(p);
+    }
+    true
+}
+
+fn configure(tree: &Path, fragment: &Path, log: &Path) -> Result<()> {
+    run_logged(
+        Command::new("make").current_dir(tree).arg("tinyconfig"),
+        log,
+    )?;
+    run_logged(
+        Command::new("scripts/kconfig/merge_config.sh")
+            .current_dir(tree)
+            .args(["-m", ".config"])
+            .arg(fragment),
+        log,
+    )?;
+    run_logged(
+        Command::new("make").current_dir(tree).arg("olddefconfig"),
+        log,
+    )?;
+    // Every `=y` line of the fragment must have survived: a typo or a
+    // missing dependency would otherwise silently drop a feature.
+    let config = fs::read_to_string(tree.join(".config"))?;
+    let wanted = fs::read_to_string(fragment)?;
+    let missing: Vec<&str> = wanted
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("CONFIG_") && l.ends_with("=y"))
+        .filter(|l| !config.lines().any(|c| c == *l))
+        .map(|l| l.trim_end_matches("=y"))
+        .filter(|l| !ALLOWED_UNSET.contains(l))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "config fragment options not set after olddefconfig (missing dependency?): {}",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Fragment options that Kconfig may legitimately leave unset on x86_64
+/// tinyconfig (kept from the shared fragment that booted on this test bed).
+const ALLOWED_UNSET: &[&str] = &[];

@@ -1,15 +1,320 @@
 //! `cargo xtask`: the mm-upcall harness.
+//!
+//! ```text
+//! cargo xtask test               fmt, clippy, unit/property/ABI tests, checkpatch, every VM scenario
+//! cargo xtask demo               the main job, end to end in the VM
+//! cargo xtask vm <scenario>...   boot the patched kernel once per scenario
+//! cargo xtask kernel             build (or reuse) the patched kernel
+//! cargo xtask checkpatch         scripts/checkpatch.pl --strict on every patch
+//! cargo xtask fuzz [seconds]     run every fuzz target for a while (smoke)
+//! ```
+
+#![deny(unsafe_code)]
+
 mod kernel;
 mod util;
+mod vm;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{target_dir, workspace_root};
+use crate::vm::{Outcome, Vm};
+
+/// VM scenarios in the order `xtask test` runs them.  Keep in sync with
+/// `SCENARIOS` in `src/guest/main.rs` (checked at run time).
+const SCENARIOS: &[&str] = &["topology"];
+
+/// Per-boot limit; TCG is slow, and a hung guest must not hang the suite.
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
+
+const USAGE: &str =
+    "usage: cargo xtask <test|demo|vm <scenario>...|kernel|checkpatch|fuzz [seconds]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
-        Some("kernel") => kernel::ensure().map(|_| ()),
-        _ => Err(anyhow::anyhow!("usage")),
+        Some("kernel") => kernel::ensure().map(|k| println!("{}", k.bzimage.display())),
+        Some("vm") => cmd_vm(&args[1..]),
+        Some("test") => cmd_test(),
+        Some("demo") => cmd_demo(),
+        Some("checkpatch") => cmd_checkpatch(),
+        Some("fuzz") => cmd_fuzz(args.get(1).map(String::as_str)),
+        Some("bench") => Err(anyhow::anyhow!(
+            "no VM benchmark exists yet (the upcall and fault benchmarks come with the \
+             kernel transport); `cargo bench` runs the host benchmarks"
+        )),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(anyhow::anyhow!("{USAGE}")),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Build the guest-side binaries the scenarios run.
+fn build_guest() -> Result<PathBuf> {
+    util::run(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "-p", "xtask", "--bin", "mm-guest"]),
+    )
+    .context("cannot build mm-guest")?;
+    Ok(target_dir().join("debug/mm-guest"))
+}
+
+/// Run scenarios, one boot each; print PASS/FAIL lines; return the counts.
+fn run_scenarios(names: &[&str]) -> Result<(usize, usize)> {
+    let kernel = kernel::ensure()?;
+    let guest_bin = build_guest()?;
+    let vm = Vm {
+        bzimage: &kernel.bzimage,
+        guest_bin,
+        timeout: SCENARIO_TIMEOUT,
+    };
+    let (mut pass, mut fail) = (0, 0);
+    for name in names {
+        let t = Instant::now();
+        match vm.run(name, "")? {
+            Outcome::Pass => {
+                pass += 1;
+                println!("PASS {name} ({:.1}s)", t.elapsed().as_secs_f64());
+            }
+            Outcome::Fail(why) => {
+                fail += 1;
+                println!("FAIL {name}: {why}");
+            }
+        }
+    }
+    Ok((pass, fail))
+}
+
+fn cmd_vm(names: &[String]) -> Result<()> {
+    if names.is_empty() {
+        bail!("name at least one scenario: {}", SCENARIOS.join(", "));
+    }
+    for n in names {
+        if !SCENARIOS.contains(&n.as_str()) {
+            bail!("unknown scenario `{n}` (known: {})", SCENARIOS.join(", "));
+        }
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (_, fail) = run_scenarios(&names)?;
+    if fail > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn cmd_demo() -> Result<()> {
+    let kernel = kernel::ensure()?;
+    let vm = Vm {
+        bzimage: &kernel.bzimage,
+        guest_bin: build_guest()?,
+        timeout: SCENARIO_TIMEOUT,
+    };
+    println!("demo: booting the patched kernel (QEMU TCG, two-tier NUMA topology)");
+    let outcome = vm.run("show-topology", "")?;
+    let console = target_dir().join("vm/show-topology/console.log");
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    for l in text.lines().filter(|l| {
+        [
+            "online nodes",
+            "node 0:",
+            "node 1:",
+            "memory_tier",
+            "kernel: Demotion",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+    }) {
+        println!("  {l}");
+    }
+    match outcome {
+        Outcome::Pass => Ok(()),
+        Outcome::Fail(why) => bail!("demo failed: {why}"),
+    }
+}
+
+fn cmd_checkpatch() -> Result<()> {
+    let (_, fail) = checkpatch()?;
+    if fail > 0 {
+        bail!("{fail} patch(es) not clean under checkpatch.pl --strict");
+    }
+    Ok(())
+}
+
+/// `scripts/checkpatch.pl --strict` on every patch of the series.
+fn checkpatch() -> Result<(usize, usize)> {
+    let kernel = kernel::ensure()?;
+    let series = kernel::Series::load()?;
+    let (mut pass, mut fail) = (0, 0);
+    for p in &series.patches {
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let out = Command::new(kernel.tree.join("scripts/checkpatch.pl"))
+            .current_dir(&kernel.tree)
+            .args(["--strict", "--no-tree", "--show-types"])
+            .arg(p)
+            .output()
+            .context("cannot run checkpatch.pl")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && text.contains("total: 0 errors, 0 warnings, 0 checks") {
+            pass += 1;
+            println!("PASS checkpatch {name}");
+        } else {
+            fail += 1;
+            println!("FAIL checkpatch {name}:\n{text}");
+        }
+    }
+    Ok((pass, fail))
+}
+
+/// Run a cargo step and count it as one check.
+fn step(name: &str, args: &[&str]) -> bool {
+    println!("==> {name}");
+    let ok = Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    println!("{} {name}", if ok { "PASS" } else { "FAIL" });
+    ok
+}
+
+/// Run the unit/property/ABI tests with nextest and return its counts.
+fn nextest() -> Result<(usize, usize)> {
+    println!("==> unit, property and ABI tests (cargo nextest)");
+    let mut child = Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--no-fail-fast",
+            "--color",
+            "never",
+        ])
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo nextest (install cargo-nextest)")?;
+    let mut counts = None;
+    for line in BufReader::new(child.stderr.take().context("no stderr")?).lines() {
+        let line = line?;
+        eprintln!("{line}");
+        if line.trim_start().starts_with("Summary") {
+            let num = |word: &str| {
+                let toks: Vec<&str> = line.split([' ', ',']).filter(|t| !t.is_empty()).collect();
+                toks.windows(2)
+                    .find(|w| w[1] == word)
+                    .and_then(|w| w[0].parse::<usize>().ok())
+                    .unwrap_or(0)
+            };
+            counts = Some((num("passed"), num("failed") + num("timed")));
+        }
+    }
+    let status = child.wait()?;
+    match counts {
+        Some((p, f)) if status.success() || f > 0 => Ok((p, f)),
+        // Build failure or a crash before the summary: one failure.
+        _ => Ok((0, 1)),
+    }
+}
+
+fn cmd_test() -> Result<()> {
+    let start = Instant::now();
+    let (mut pass, mut fail) = (0usize, 0usize);
+    let mut tally = |ok: bool| if ok { pass += 1 } else { fail += 1 };
+    tally(step("rustfmt", &["fmt", "--all", "--check"]));
+    tally(step(
+        "clippy",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    ));
+    let (p, f) = nextest()?;
+    pass += p;
+    fail += f;
+    println!("==> kernel patches (checkpatch.pl --strict)");
+    match checkpatch() {
+        Ok((p, f)) => {
+            pass += p;
+            fail += f;
+        }
+        Err(e) => {
+            println!("FAIL checkpatch: {e:#}");
+            fail += 1;
+        }
+    }
+    println!("==> VM scenarios (QEMU TCG, two-tier NUMA)");
+    match run_scenarios(SCENARIOS) {
+        Ok((p, f)) => {
+            pass += p;
+            fail += f;
+        }
+        Err(e) => {
+            println!("FAIL vm: {e:#}");
+            fail += SCENARIOS.len();
+        }
+    }
+    println!("suite took {:.0}s", start.elapsed().as_secs_f64());
+    println!("{pass} passed, {fail} failed");
+    if fail > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn cmd_fuzz(secs: Option<&str>) -> Result<()> {
+    let secs: u64 = secs
+        .unwrap_or("30")
+        .parse()
+        .context("seconds must be a number")?;
+    let have = Command::new(env!("CARGO"))
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        util::run(Command::new(env!("CARGO")).args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    let dir = workspace_root().join("fuzz");
+    let list = util::output(
+        Command::new(env!("CARGO"))
+            .current_dir(&dir)
+            .args(["fuzz", "list"]),
+    )?;
+    for target in list.lines().map(str::trim).filter(|t| !t.is_empty()) {
+        println!("==> fuzz {target} ({secs}s)");
+        util::run(
+            Command::new(env!("CARGO"))
+                .current_dir(&dir)
+                .env("RUSTC_BOOTSTRAP", "1")
+                .args(["fuzz", "run", "--sanitizer", "none", target, "--"])
+                .arg(format!("-max_total_time={secs}"))
+                .arg("-print_final_stats=1"),
+        )?;
+    }
+    Ok(())
 }

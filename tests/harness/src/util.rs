@@ -138,6 +138,7 @@ pub fn ensure_packages(pkgs: &[&str]) -> Result<()> {
     Ok(())
 }
 
+#[allow(unsafe_code)]
 fn unsafe_is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

@@ -1,1 +1,39 @@
-fn main() {}
+//! `mm-guest <scenario>`: the test programs that run inside the QEMU guest.
+//!
+//! Started by the test bed's `/init` (see `xtask vm`), as root, chrooted
+//! into the host root mounted read-only over 9p.  Exit status 0 means the
+//! scenario passed; on failure the reason is printed as
+//! `mm-guest: FAIL: <reason>` and the exit status is 1.
+
+#![deny(unsafe_code)]
+
+mod sys;
+mod topology;
+
+use anyhow::{Result, bail};
+
+/// Every scenario the guest knows, in the order `xtask test` runs them.
+pub const SCENARIOS: &[&str] = &["topology"];
+
+fn run(scenario: &str) -> Result<()> {
+    match scenario {
+        "topology" => topology::run(),
+        // Used by `xtask demo`: print what the guest sees, assert nothing.
+        "show-topology" => topology::show(),
+        other => bail!(
+            "unknown scenario `{other}` (known: {})",
+            SCENARIOS.join(", ")
+        ),
+    }
+}
+
+fn main() {
+    let scenario = std::env::args().nth(1).unwrap_or_default();
+    match run(&scenario) {
+        Ok(()) => println!("mm-guest: PASS {scenario}"),
+        Err(e) => {
+            println!("mm-guest: FAIL: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! FETCH / COMMIT_AND_FETCH payloads as the kernel would see them.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use mm_upcall_proto::verdict::IoCommand;
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 4 {
+        return;
+    }
+    let cmd_op = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
+    if let Ok(cmd) = IoCommand::decode(cmd_op, &data[4..]) {
+        use zerocopy::IntoBytes;
+        assert_eq!(IoCommand::decode(cmd.cmd_op(), cmd.to_raw().as_bytes()), Ok(cmd));
+    }
+});

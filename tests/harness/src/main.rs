@@ -25,10 +25,6 @@ use anyhow::{Context, Result, bail};
 use crate::util::{target_dir, workspace_root};
 use crate::vm::{Outcome, Vm};
 
-/// VM scenarios in the order `xtask test` runs them.  Keep in sync with
-/// `SCENARIOS` in `src/guest/main.rs` (checked at run time).
-const SCENARIOS: &[&str] = &["topology"];
-
 /// Per-boot limit; TCG is slow, and a hung guest must not hang the suite.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -71,10 +67,24 @@ fn build_guest() -> Result<PathBuf> {
     Ok(target_dir().join("debug/mm-guest"))
 }
 
+/// The scenarios `mm-guest` knows, in the order `xtask test` runs them.
+fn scenarios(guest_bin: &std::path::Path) -> Result<Vec<String>> {
+    let list = util::output(Command::new(guest_bin).arg("--list"))?;
+    Ok(list.lines().map(str::to_string).collect())
+}
+
 /// Run scenarios, one boot each; print PASS/FAIL lines; return the counts.
-fn run_scenarios(names: &[&str]) -> Result<(usize, usize)> {
-    let kernel = kernel::ensure()?;
+/// `None` runs every scenario.
+fn run_scenarios(names: Option<&[String]>) -> Result<(usize, usize)> {
     let guest_bin = build_guest()?;
+    let known = scenarios(&guest_bin)?;
+    let names = names.unwrap_or(&known);
+    for n in names {
+        if !known.contains(n) {
+            bail!("unknown scenario `{n}` (known: {})", known.join(", "));
+        }
+    }
+    let kernel = kernel::ensure()?;
     let vm = Vm {
         bzimage: &kernel.bzimage,
         guest_bin,
@@ -99,15 +109,10 @@ fn run_scenarios(names: &[&str]) -> Result<(usize, usize)> {
 
 fn cmd_vm(names: &[String]) -> Result<()> {
     if names.is_empty() {
-        bail!("name at least one scenario: {}", SCENARIOS.join(", "));
+        let known = scenarios(&build_guest()?)?;
+        bail!("name at least one scenario: {}", known.join(", "));
     }
-    for n in names {
-        if !SCENARIOS.contains(&n.as_str()) {
-            bail!("unknown scenario `{n}` (known: {})", SCENARIOS.join(", "));
-        }
-    }
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let (_, fail) = run_scenarios(&names)?;
+    let (_, fail) = run_scenarios(Some(names))?;
     if fail > 0 {
         std::process::exit(1);
     }
@@ -197,6 +202,7 @@ fn step(name: &str, args: &[&str]) -> bool {
 /// Run the unit/property/ABI tests with nextest and return its counts.
 fn nextest() -> Result<(usize, usize)> {
     println!("==> unit, property and ABI tests (cargo nextest)");
+    ensure_cargo_tool("nextest", "cargo-nextest")?;
     let mut child = Command::new(env!("CARGO"))
         .current_dir(workspace_root())
         .args([
@@ -266,14 +272,14 @@ fn cmd_test() -> Result<()> {
         }
     }
     println!("==> VM scenarios (QEMU TCG, two-tier NUMA)");
-    match run_scenarios(SCENARIOS) {
+    match run_scenarios(None) {
         Ok((p, f)) => {
             pass += p;
             fail += f;
         }
         Err(e) => {
             println!("FAIL vm: {e:#}");
-            fail += SCENARIOS.len();
+            fail += 1;
         }
     }
     println!("suite took {:.0}s", start.elapsed().as_secs_f64());
@@ -284,21 +290,28 @@ fn cmd_test() -> Result<()> {
     Ok(())
 }
 
-fn cmd_fuzz(secs: Option<&str>) -> Result<()> {
-    let secs: u64 = secs
-        .unwrap_or("30")
-        .parse()
-        .context("seconds must be a number")?;
+/// Install a cargo subcommand from crates.io when it is missing.
+fn ensure_cargo_tool(sub: &str, krate: &str) -> Result<()> {
     let have = Command::new(env!("CARGO"))
-        .args(["fuzz", "--version"])
+        .args([sub, "--version"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !have {
-        util::run(Command::new(env!("CARGO")).args(["install", "--locked", "cargo-fuzz"]))?;
+        eprintln!("xtask: installing {krate}");
+        util::run(Command::new(env!("CARGO")).args(["install", "--locked", krate]))?;
     }
+    Ok(())
+}
+
+fn cmd_fuzz(secs: Option<&str>) -> Result<()> {
+    let secs: u64 = secs
+        .unwrap_or("30")
+        .parse()
+        .context("seconds must be a number")?;
+    ensure_cargo_tool("fuzz", "cargo-fuzz")?;
     let dir = workspace_root().join("fuzz");
     let list = util::output(
         Command::new(env!("CARGO"))
@@ -310,7 +323,6 @@ fn cmd_fuzz(secs: Option<&str>) -> Result<()> {
         util::run(
             Command::new(env!("CARGO"))
                 .current_dir(&dir)
-                .env("RUSTC_BOOTSTRAP", "1")
                 .args(["fuzz", "run", "--sanitizer", "none", target, "--"])
                 .arg(format!("-max_total_time={secs}"))
                 .arg("-print_final_stats=1"),

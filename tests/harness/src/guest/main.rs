@@ -29,6 +29,13 @@ fn run(scenario: &str) -> Result<()> {
 
 fn main() {
     let scenario = std::env::args().nth(1).unwrap_or_default();
+    if scenario == "--list" {
+        // `xtask` asks the guest program which scenarios exist.
+        for s in SCENARIOS {
+            println!("{s}");
+        }
+        return;
+    }
     match run(&scenario) {
         Ok(()) => println!("mm-guest: PASS {scenario}"),
         Err(e) => {

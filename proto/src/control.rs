@@ -40,10 +40,12 @@ pub enum Control {
         start_pfn: u64,
         nr_pages: u64,
     },
-    /// Issue `nr_upcalls` synthetic upcalls from `nr_threads` kernel threads.
+    /// Issue `nr_upcalls` synthetic upcalls from `nr_threads` kernel threads;
+    /// with `events`, each also posts an `Event::Ping`.
     Ping {
         nr_upcalls: u32,
         nr_threads: u16,
+        events: bool,
         reply_addr: u64,
     },
 }
@@ -134,12 +136,14 @@ impl Control {
             Control::Ping {
                 nr_upcalls,
                 nr_threads,
+                events,
                 reply_addr,
             } => area_of(&raw::Ping {
                 nr_upcalls,
                 nr_threads,
+                flags: if events { raw::ping::F_EVENTS } else { 0 },
                 reply_addr,
-                ..raw::Ping::default()
+                reserved: 0,
             }),
         }
     }
@@ -236,17 +240,24 @@ impl Control {
             }
             ctrl_op::PING => {
                 let p: raw::Ping = record(buf)?;
-                reserved_zero("flags", p.flags.into())?;
+                reserved_zero("flags", (p.flags & !raw::ping::F_ALL).into())?;
                 reserved_zero("reserved", p.reserved)?;
-                if p.nr_threads == 0 {
+                if p.nr_threads == 0 || p.nr_threads > raw::ping::MAX_THREADS {
                     return Err(DecodeError::Invalid {
                         field: "nr_threads",
-                        value: 0,
+                        value: p.nr_threads.into(),
+                    });
+                }
+                if p.nr_upcalls > raw::ping::MAX_UPCALLS {
+                    return Err(DecodeError::Invalid {
+                        field: "nr_upcalls",
+                        value: p.nr_upcalls.into(),
                     });
                 }
                 Ok(Control::Ping {
                     nr_upcalls: p.nr_upcalls,
                     nr_threads: p.nr_threads,
+                    events: p.flags & raw::ping::F_EVENTS != 0,
                     reply_addr: p.reply_addr,
                 })
             }

@@ -52,6 +52,8 @@ pub enum Event {
     },
     /// `lost` events were dropped because the queue was full: RESYNC.
     Overflow { lost: u64 },
+    /// Synthetic event posted by PING with `MM_UPCALL_PING_F_EVENTS`.
+    Ping { cookie: u64 },
 }
 
 impl Event {
@@ -137,6 +139,18 @@ impl Event {
                 ])?;
                 Ok(Event::Overflow { lost: e.count })
             }
+            ev::PING => {
+                zero(&[
+                    ("reason", e.reason.into()),
+                    ("nid", e.nid.into()),
+                    ("target_nid", e.target_nid.into()),
+                    ("order", e.order.into()),
+                    ("tgid", e.tgid.into()),
+                    ("pfn", e.pfn),
+                    ("vaddr", e.vaddr),
+                ])?;
+                Ok(Event::Ping { cookie: e.count })
+            }
             other => Err(DecodeError::Unknown {
                 what: "event type",
                 value: other.into(),
@@ -187,6 +201,11 @@ impl Event {
             Event::Overflow { lost } => raw::Event {
                 r#type: ev::OVERFLOW,
                 count: lost,
+                ..raw::Event::default()
+            },
+            Event::Ping { cookie } => raw::Event {
+                r#type: ev::PING,
+                count: cookie,
                 ..raw::Event::default()
             },
         }

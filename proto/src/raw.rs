@@ -100,6 +100,42 @@ pub mod ev {
     pub const FREED: u16 = 2;
     pub const PROMOTED: u16 = 3;
     pub const OVERFLOW: u16 = 4;
+    pub const PING: u16 = 5;
+}
+
+/// `MM_UPCALL_PING_F_*` and the PING limits.
+pub mod ping {
+    pub const F_EVENTS: u16 = 1 << 0;
+    pub const F_ALL: u16 = F_EVENTS;
+    pub const MAX_UPCALLS: u32 = 10_000_000;
+    pub const MAX_THREADS: u16 = 64;
+    /// `MM_UPCALL_PING_HIST_BUCKETS`.
+    pub const HIST_BUCKETS: usize = 128;
+
+    /// The histogram bucket of a round trip of `ns` nanoseconds.
+    pub const fn hist_bucket(ns: u64) -> usize {
+        if ns < 4 {
+            return ns as usize;
+        }
+        let k = 63 - ns.leading_zeros() as u64;
+        let s = (ns >> (k - 2)) & 3;
+        let b = (4 * k + s - 4) as usize;
+        if b >= HIST_BUCKETS {
+            HIST_BUCKETS - 1
+        } else {
+            b
+        }
+    }
+
+    /// The smallest round trip (ns) counted in bucket `b`.
+    pub const fn hist_lower_bound(b: usize) -> u64 {
+        if b < 4 {
+            return b as u64;
+        }
+        let k = (b as u64 + 4) / 4;
+        let s = (b as u64 + 4) % 4;
+        (1 << k) | (s << (k - 2))
+    }
 }
 
 /// `MM_UPCALL_REASON_*`: why a folio was placed.
@@ -275,19 +311,43 @@ record!(
     }
 );
 
-record!(
-    /// `struct mm_upcall_ping_reply`.
-    PingReply {
-        issued: u64,
-        answered: u64,
-        mismatched: u64,
-        timed_out: u64,
-        defaulted: u64,
-        total_ns: u64,
-        max_ns: u64,
-        reserved: u64,
+/// `struct mm_upcall_ping_reply`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct PingReply {
+    pub issued: u64,
+    pub answered: u64,
+    pub mismatched: u64,
+    pub timed_out: u64,
+    pub defaulted: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    pub reserved: u64,
+    pub hist: [u32; ping::HIST_BUCKETS],
+}
+
+impl Default for PingReply {
+    fn default() -> Self {
+        zerocopy::FromZeros::new_zeroed()
     }
-);
+}
+
+impl PingReply {
+    /// The round trip (ns, lower bound of its bucket) at or below which
+    /// `permille`/1000 of the answered upcalls fall (990: p99).
+    pub fn quantile_ns(&self, permille: u64) -> u64 {
+        let total: u64 = self.hist.iter().map(|&c| u64::from(c)).sum();
+        let want = (total * permille).div_ceil(1000).max(1);
+        let mut seen = 0;
+        for (b, &c) in self.hist.iter().enumerate() {
+            seen += u64::from(c);
+            if seen >= want && c > 0 {
+                return ping::hist_lower_bound(b);
+            }
+        }
+        0
+    }
+}
 
 // The hot-path command must fit the 16-byte command area of a 64-byte SQE,
 // and every control payload the 80 bytes of a 128-byte SQE.

@@ -96,6 +96,7 @@ fn event() -> impl Strategy<Value = Event> {
             }
         ),
         any::<u64>().prop_map(|lost| Event::Overflow { lost }),
+        any::<u64>().prop_map(|cookie| Event::Ping { cookie }),
     ]
 }
 
@@ -134,15 +135,20 @@ fn control() -> impl Strategy<Value = Control> {
                 nr_pages,
             }
         }),
-        (any::<u32>(), 1..=u16::MAX, any::<u64>()).prop_map(
-            |(nr_upcalls, nr_threads, reply_addr)| {
-                Control::Ping {
+        (
+            0..=raw::ping::MAX_UPCALLS,
+            1..=raw::ping::MAX_THREADS,
+            any::<bool>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(nr_upcalls, nr_threads, events, reply_addr)| Control::Ping {
                     nr_upcalls,
                     nr_threads,
+                    events,
                     reply_addr,
                 }
-            }
-        ),
+            ),
     ]
 }
 
@@ -554,4 +560,25 @@ fn hello_reply_checks_descriptor_size() {
             ..
         })
     ));
+}
+
+#[test]
+fn ping_histogram_buckets_are_monotonic_and_bounded() {
+    use raw::ping::{HIST_BUCKETS, hist_bucket, hist_lower_bound};
+    let mut last = 0;
+    for ns in (0..100_000u64).chain([1 << 20, 1 << 30, 1 << 40, u64::MAX]) {
+        let b = hist_bucket(ns);
+        assert!(b >= last || ns > 100_000, "bucket of {ns} went down");
+        assert!(b < HIST_BUCKETS);
+        if b < HIST_BUCKETS - 1 {
+            assert!(
+                hist_lower_bound(b) <= ns && ns < hist_lower_bound(b + 1),
+                "{ns} not in bucket {b}"
+            );
+        }
+        last = b;
+    }
+    assert_eq!(hist_bucket(4), 4);
+    assert_eq!(hist_bucket(1000), hist_bucket(1023));
+    assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
 }

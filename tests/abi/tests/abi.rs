@@ -37,7 +37,7 @@ fn rust_side() -> BTreeMap<String, u64> {
         "promote_pfn" => PromotePfn { pfn, nid, flags }
         "resync" => Resync { nid, flags, start_pfn, nr_pages, reserved }
         "ping" => Ping { nr_upcalls, nr_threads, flags, reply_addr, reserved }
-        "ping_reply" => PingReply { issued, answered, mismatched, timed_out, defaulted, total_ns, max_ns, reserved }
+        "ping_reply" => PingReply { issued, answered, mismatched, timed_out, defaulted, total_ns, max_ns, reserved, hist }
     }
     let consts: &[(&str, u64)] = &[
         ("MM_UPCALL_API_VERSION", API_VERSION.into()),
@@ -88,6 +88,12 @@ fn rust_side() -> BTreeMap<String, u64> {
         ("MM_UPCALL_EV_FREED", ev::FREED.into()),
         ("MM_UPCALL_EV_PROMOTED", ev::PROMOTED.into()),
         ("MM_UPCALL_EV_OVERFLOW", ev::OVERFLOW.into()),
+        ("MM_UPCALL_EV_PING", ev::PING.into()),
+        ("MM_UPCALL_PING_F_EVENTS", ping::F_EVENTS.into()),
+        ("MM_UPCALL_PING_F_ALL", ping::F_ALL.into()),
+        ("MM_UPCALL_PING_MAX_UPCALLS", ping::MAX_UPCALLS.into()),
+        ("MM_UPCALL_PING_MAX_THREADS", ping::MAX_THREADS.into()),
+        ("MM_UPCALL_PING_HIST_BUCKETS", ping::HIST_BUCKETS as u64),
         ("MM_UPCALL_REASON_DEMOTION", reason::DEMOTION.into()),
         ("MM_UPCALL_REASON_MIGRATION", reason::MIGRATION.into()),
         ("MM_UPCALL_REASON_RESYNC", reason::RESYNC.into()),

@@ -30,6 +30,7 @@ pub const PACKAGES: &[&str] = &[
     "libelf-dev",
     "libssl-dev",
     "python3-ply",
+    "liburing-dev",
     "gcc",
     "make",
     "xz-utils",
@@ -65,6 +66,25 @@ impl Series {
     }
 }
 
+/// Build the kselftest/reference client of the series (from the patched
+/// tree) for the host, which the guest runs through the 9p root.
+pub fn build_selftest(tree: &Path) -> Result<PathBuf> {
+    let src = tree.join("tools/testing/selftests/mm_upcall/mm_upcall_test.c");
+    let out = target_dir().join("vm/mm_upcall_test");
+    fs::create_dir_all(out.parent().expect("has a parent"))?;
+    util::run(
+        Command::new("gcc")
+            .args(["-O2", "-Wall", "-Werror", "-I"])
+            .arg(workspace_root().join("kernel-upcall/linux/include/uapi"))
+            .arg("-o")
+            .arg(&out)
+            .arg(&src)
+            .arg("-luring"),
+    )
+    .with_context(|| format!("cannot build {}", src.display()))?;
+    Ok(out)
+}
+
 /// The built kernel.
 pub struct Kernel {
     pub bzimage: PathBuf,
@@ -92,8 +112,21 @@ fn cache_key(series: &Series, version: &str) -> Result<String> {
 }
 
 /// Ensure the tools exist, then return the cached kernel or build it.
+///
+/// `MM_UPCALL_BZIMAGE=<path>` skips the build and boots that image instead
+/// (for kernel development: iterate with `make` in `target/kernel/...`).
 pub fn ensure() -> Result<Kernel> {
     util::ensure_packages(PACKAGES)?;
+    if let Some(image) = std::env::var_os("MM_UPCALL_BZIMAGE") {
+        eprintln!(
+            "xtask: booting MM_UPCALL_BZIMAGE={}",
+            image.to_string_lossy()
+        );
+        return Ok(Kernel {
+            bzimage: PathBuf::from(image),
+            tree: target_dir().join("kernel").join(TREE_NAME),
+        });
+    }
     let series = Series::load()?;
     let version = source_version()?;
     let key = cache_key(&series, &version)?;

@@ -40,10 +40,7 @@ fn main() {
         Some("demo") => cmd_demo(),
         Some("checkpatch") => cmd_checkpatch(),
         Some("fuzz") => cmd_fuzz(args.get(1).map(String::as_str)),
-        Some("bench") => Err(anyhow::anyhow!(
-            "no VM benchmark exists yet (the upcall and fault benchmarks come with the \
-             kernel transport); `cargo bench` runs the host benchmarks"
-        )),
+        Some("bench") => cmd_bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -85,6 +82,8 @@ fn run_scenarios(names: Option<&[String]>) -> Result<(usize, usize)> {
         }
     }
     let kernel = kernel::ensure()?;
+    let selftest = kernel::build_selftest(&kernel.tree)?;
+    let env = format!("MM_SELFTEST={}", selftest.display());
     let vm = Vm {
         bzimage: &kernel.bzimage,
         guest_bin,
@@ -93,7 +92,7 @@ fn run_scenarios(names: Option<&[String]>) -> Result<(usize, usize)> {
     let (mut pass, mut fail) = (0, 0);
     for name in names {
         let t = Instant::now();
-        match vm.run(name, "")? {
+        match vm.run(name, &env)? {
             Outcome::Pass => {
                 pass += 1;
                 println!("PASS {name} ({:.1}s)", t.elapsed().as_secs_f64());
@@ -115,6 +114,38 @@ fn cmd_vm(names: &[String]) -> Result<()> {
     let (_, fail) = run_scenarios(Some(names))?;
     if fail > 0 {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// VM benchmarks: each is a guest program `bench-<name>` that prints its
+/// results as lines starting with `BENCH `.
+const BENCHES: &[&str] = &["upcall"];
+
+fn cmd_bench(names: &[String]) -> Result<()> {
+    if names.is_empty() {
+        bail!("name a benchmark: {}", BENCHES.join(", "));
+    }
+    let kernel = kernel::ensure()?;
+    let vm = Vm {
+        bzimage: &kernel.bzimage,
+        guest_bin: build_guest()?,
+        timeout: SCENARIO_TIMEOUT,
+    };
+    for name in names {
+        if !BENCHES.contains(&name.as_str()) {
+            bail!("unknown benchmark `{name}` (known: {})", BENCHES.join(", "));
+        }
+        let scenario = format!("bench-{name}");
+        let outcome = vm.run(&scenario, "")?;
+        let console = target_dir().join("vm").join(&scenario).join("console.log");
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        for l in text.lines().filter_map(|l| l.strip_prefix("BENCH ")) {
+            println!("{l}");
+        }
+        if let Outcome::Fail(why) = outcome {
+            bail!("benchmark {name} failed: {why}");
+        }
     }
     Ok(())
 }

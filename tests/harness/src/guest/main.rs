@@ -7,17 +7,34 @@
 
 #![deny(unsafe_code)]
 
+mod bad_input;
+mod bench;
 mod sys;
 mod topology;
+mod upcall;
 
 use anyhow::{Result, bail};
 
 /// Every scenario the guest knows, in the order `xtask test` runs them.
-pub const SCENARIOS: &[&str] = &["topology"];
+pub const SCENARIOS: &[&str] = &[
+    "topology",
+    "upcall-ping",
+    "upcall-server-death",
+    "upcall-slow-server",
+    "upcall-bad-input",
+    "upcall-c-client",
+];
 
 fn run(scenario: &str) -> Result<()> {
     match scenario {
         "topology" => topology::run(),
+        "upcall-ping" => upcall::ping(),
+        "upcall-server-death" => upcall::server_death(),
+        "upcall-slow-server" => upcall::slow_server(),
+        "upcall-bad-input" => bad_input::run(),
+        "upcall-c-client" => upcall::c_client(),
+        // Benchmarks (`xtask bench <name>`), not part of the test list.
+        "bench-upcall" => bench::upcall(),
         // Used by `xtask demo`: print what the guest sees, assert nothing.
         "show-topology" => topology::show(),
         other => bail!(
@@ -29,6 +46,15 @@ fn run(scenario: &str) -> Result<()> {
 
 fn main() {
     let scenario = std::env::args().nth(1).unwrap_or_default();
+    if scenario == "--serve" {
+        // A server child of upcall-server-death.
+        let mode = std::env::args().nth(2).unwrap_or_default();
+        if let Err(e) = upcall::serve(&mode) {
+            println!("mm-guest: server {mode}: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if scenario == "--list" {
         // `xtask` asks the guest program which scenarios exist.
         for s in SCENARIOS {

@@ -151,6 +151,7 @@ struct mm_upcall_io_cmd {
 #define MM_UPCALL_EV_FREED		2
 #define MM_UPCALL_EV_PROMOTED		3
 #define MM_UPCALL_EV_OVERFLOW		4	/* count: events dropped */
+#define MM_UPCALL_EV_PING		5	/* count: cookie of a PING */
 
 /* Why a folio was placed on a managed node: mm_upcall_event.reason. */
 #define MM_UPCALL_REASON_DEMOTION	1	/* reclaim-time demotion */
@@ -166,7 +167,7 @@ struct mm_upcall_event {
 	__u32	tgid;		/* PLACED: 0 when unknown */
 	__u64	pfn;		/* PROMOTED: pfn on the managed node */
 	__u64	vaddr;		/* PLACED: 0 when unknown */
-	__u64	count;		/* OVERFLOW: events lost, else 0 */
+	__u64	count;		/* OVERFLOW: events lost; PING: cookie */
 };
 
 /*
@@ -266,15 +267,31 @@ struct mm_upcall_resync {
  * MM_UPCALL_CMD_PING: issue nr_upcalls synthetic PING upcalls from
  * nr_threads kernel threads through the same post-and-wait path as the mm
  * hooks; the server answers each with MM_UPCALL_V_PONG and the cookie in
- * arg.  Writes struct mm_upcall_ping_reply to reply_addr.
+ * arg.  With MM_UPCALL_PING_F_EVENTS each upcall also posts an
+ * MM_UPCALL_EV_PING event through the event path.  The command completes
+ * when every upcall has; it writes struct mm_upcall_ping_reply to
+ * reply_addr.  total_ns and max_ns cover answered upcalls.
  */
+#define MM_UPCALL_PING_F_EVENTS		(1U << 0)
+#define MM_UPCALL_PING_F_ALL		MM_UPCALL_PING_F_EVENTS
+#define MM_UPCALL_PING_MAX_UPCALLS	10000000
+#define MM_UPCALL_PING_MAX_THREADS	64
+
 struct mm_upcall_ping {
 	__u32	nr_upcalls;
 	__u16	nr_threads;
-	__u16	flags;		/* none defined: 0 */
+	__u16	flags;		/* MM_UPCALL_PING_F_* */
 	__u64	reply_addr;	/* struct mm_upcall_ping_reply */
 	__u64	reserved;
 };
+
+/*
+ * Round-trip histogram of answered PING upcalls, four buckets per power of
+ * two: a round trip of n ns (n >= 4) with k = floor(log2(n)) and s the two
+ * bits below the top bit, s = (n >> (k - 2)) & 3, is counted in bucket
+ * 4 * k + s - 4, at most MM_UPCALL_PING_HIST_BUCKETS - 1; n < 4 in bucket n.
+ */
+#define MM_UPCALL_PING_HIST_BUCKETS	128
 
 struct mm_upcall_ping_reply {
 	__u64	issued;
@@ -285,6 +302,7 @@ struct mm_upcall_ping_reply {
 	__u64	total_ns;	/* sum of round-trip times */
 	__u64	max_ns;
 	__u64	reserved;
+	__u32	hist[MM_UPCALL_PING_HIST_BUCKETS];
 };
 
 #endif /* _UAPI_LINUX_MM_UPCALL_H */

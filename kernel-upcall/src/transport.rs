@@ -1,0 +1,524 @@
+//! The server's end of one queue: a ring, its slots and control commands.
+//!
+//! Unsafe is allowed here only for pushing control commands, whose reply
+//! buffers the kernel writes to; everything else goes through `sys`.
+#![allow(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _};
+use std::os::fd::AsFd as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use mm_upcall_proto::DecodeError;
+use mm_upcall_proto::control::{self, Control, HelloReply};
+use mm_upcall_proto::event::{self, Event};
+use mm_upcall_proto::raw::{self, CTRL_CMD_SIZE};
+use mm_upcall_proto::upcall::Request;
+use mm_upcall_proto::verdict::{IoCommand, Verdict};
+use slab::Slab;
+use zerocopy::IntoBytes as _;
+
+use crate::sys::{self, DescMap};
+use crate::{DEVICE_PATH, Error};
+
+/// `user_data` of control commands starts here; slots use `0..depth`.
+pub const CTRL_TAG: u64 = 1 << 32;
+
+/// How to open the transport.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: String,
+    /// Slots in the (single) queue this transport serves.
+    pub queue_depth: u16,
+    /// Longest time any task waits on us; 0 = kernel default.
+    pub timeout_ms: u32,
+    /// `MM_UPCALL_F_*` to ask for.
+    pub features: u64,
+    /// Features without which `open` fails.
+    pub required: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            path: DEVICE_PATH.to_string(),
+            queue_depth: 64,
+            timeout_ms: 0,
+            features: raw::features::ALL,
+            required: 0,
+        }
+    }
+}
+
+/// Result of a control command.
+#[derive(Debug)]
+pub struct ControlOutcome {
+    pub name: &'static str,
+    /// The CQE result (>= 0), or the kernel's error.
+    pub result: Result<i32, Error>,
+    /// The reply record the kernel wrote (empty for commands without one).
+    pub reply: Box<[u8]>,
+}
+
+/// What [`Transport::wait`] reports.
+#[derive(Debug)]
+pub enum Completion {
+    /// An upcall on `slot`: answer it with [`Transport::commit`].
+    Upcall { slot: u16, request: Request },
+    /// The descriptor on `slot` did not decode; answer `Default` with `seq`.
+    Malformed {
+        slot: u16,
+        seq: u32,
+        error: DecodeError,
+    },
+    /// The kernel rejected a FETCH/COMMIT on `slot`; the slot is idle now and
+    /// can be re-armed with [`Transport::fetch`].
+    SlotFailed { slot: u16, error: Error },
+    /// A control command submitted with [`Transport::submit_control`] ended.
+    Control {
+        token: usize,
+        outcome: ControlOutcome,
+    },
+    /// The kernel is tearing this server down (`-ENODEV`/`-ECANCELED`).
+    Teardown { slot: u16 },
+}
+
+struct CtrlOp {
+    name: &'static str,
+    reply: Box<[u8]>,
+}
+
+/// One queue of the upcall transport.
+pub struct Transport {
+    dev: File,
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    descs: Option<DescMap>,
+    hello: HelloReply,
+    ctrl: Slab<CtrlOp>,
+    ready: VecDeque<Completion>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("hello", &self.hello)
+            .field("ctrl_in_flight", &self.ctrl.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn ctrl_name(cmd_op: u32) -> &'static str {
+    match cmd_op {
+        raw::ctrl_op::HELLO => "HELLO",
+        raw::ctrl_op::ATTACH_NODE => "ATTACH_NODE",
+        raw::ctrl_op::DETACH_NODE => "DETACH_NODE",
+        raw::ctrl_op::SET_CREDIT => "SET_CREDIT",
+        raw::ctrl_op::PROMOTE_PFN => "PROMOTE_PFN",
+        raw::ctrl_op::RESYNC => "RESYNC",
+        raw::ctrl_op::PING => "PING",
+        _ => "control command",
+    }
+}
+
+impl Transport {
+    /// Open the device, negotiate, map the descriptors and arm every slot.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Open`] (`EPERM` without `CAP_SYS_ADMIN`, `EBUSY` when
+    /// another server is attached), [`Error::Command`] for HELLO,
+    /// [`Error::Features`], [`Error::Mmap`], ring errors.
+    pub fn open(cfg: &Config) -> Result<Self, Error> {
+        let mut t = Self::connect(cfg)?;
+        t.negotiate(cfg)?;
+        Ok(t)
+    }
+
+    /// Open the device and set up the ring, without negotiating (tests of
+    /// the kernel's validation use this; servers use [`Transport::open`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Open`], [`Error::Ring`].
+    pub fn connect(cfg: &Config) -> Result<Self, Error> {
+        let dev = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&cfg.path)
+            .map_err(|source| Error::Open {
+                path: cfg.path.clone(),
+                source,
+            })?;
+        let entries = (u32::from(cfg.queue_depth) + 16).next_power_of_two();
+        let ring = IoUring::builder().build(entries).map_err(Error::Ring)?;
+        Ok(Transport {
+            dev,
+            ring,
+            descs: None,
+            hello: HelloReply {
+                nr_queues: 0,
+                queue_depth: 0,
+                desc_size: 0,
+                timeout_ms: 0,
+                features: 0,
+            },
+            ctrl: Slab::new(),
+            ready: VecDeque::new(),
+        })
+    }
+
+    /// HELLO, map the descriptors, arm every slot.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Command`] for HELLO, [`Error::Features`], [`Error::Mmap`],
+    /// ring errors.
+    pub fn negotiate(&mut self, cfg: &Config) -> Result<(), Error> {
+        let out = self.control_sync(
+            Control::Hello {
+                nr_queues: 1,
+                queue_depth: cfg.queue_depth,
+                timeout_ms: cfg.timeout_ms,
+                features: cfg.features,
+                reply_addr: 0,
+            },
+            size_of::<raw::HelloReply>(),
+        )?;
+        out.result?;
+        self.hello = HelloReply::decode(&out.reply)?;
+        let missing = cfg.required & !self.hello.features;
+        if missing != 0 {
+            return Err(Error::Features { missing });
+        }
+        self.descs = Some(DescMap::map(self.dev.as_fd(), 0, self.hello.queue_depth)?);
+        for slot in 0..self.hello.queue_depth {
+            self.fetch(slot)?;
+        }
+        self.flush()
+    }
+
+    /// What the kernel granted.
+    pub fn hello(&self) -> &HelloReply {
+        &self.hello
+    }
+
+    /// The device file (events are read from it).
+    pub fn device(&self) -> &File {
+        &self.dev
+    }
+
+    fn push_io(&mut self, cmd: IoCommand, slot: u16) -> Result<(), Error> {
+        let mut area = [0u8; 16];
+        area.copy_from_slice(cmd.to_raw().as_bytes());
+        self.raw_io(cmd.cmd_op(), area, slot)
+    }
+
+    /// Queue a FETCH that arms `slot` (after [`Completion::SlotFailed`]).
+    ///
+    /// # Errors
+    ///
+    /// Ring errors.
+    pub fn fetch(&mut self, slot: u16) -> Result<(), Error> {
+        self.push_io(IoCommand::Fetch { q_id: 0, slot }, slot)
+    }
+
+    /// Queue the answer to the upcall `seq` on `slot`; it also re-arms the
+    /// slot.  Sent with the next [`Transport::wait`] or [`Transport::flush`].
+    ///
+    /// # Errors
+    ///
+    /// Ring errors.
+    pub fn commit(&mut self, slot: u16, seq: u32, verdict: Verdict) -> Result<(), Error> {
+        self.push_io(
+            IoCommand::CommitAndFetch {
+                q_id: 0,
+                slot,
+                seq,
+                verdict,
+            },
+            slot,
+        )
+    }
+
+    /// Submit whatever is queued without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Enter`].
+    pub fn flush(&mut self) -> Result<(), Error> {
+        self.ring.submit().map(|_| ()).map_err(Error::Enter)
+    }
+
+    /// Submit a control command; its reply buffer (`reply_len` bytes) is
+    /// patched into the command's `reply_addr`.  Its result arrives as
+    /// [`Completion::Control`] with the returned token.
+    ///
+    /// # Errors
+    ///
+    /// Ring errors.
+    pub fn submit_control(&mut self, ctrl: Control, reply_len: usize) -> Result<usize, Error> {
+        let mut op = CtrlOp {
+            name: ctrl_name(ctrl.cmd_op()),
+            reply: vec![0u8; reply_len].into_boxed_slice(),
+        };
+        let addr = op.reply.as_mut_ptr() as u64;
+        let ctrl = match ctrl {
+            Control::Hello {
+                nr_queues,
+                queue_depth,
+                timeout_ms,
+                features,
+                ..
+            } => Control::Hello {
+                nr_queues,
+                queue_depth,
+                timeout_ms,
+                features,
+                reply_addr: addr,
+            },
+            Control::AttachNode {
+                nid, credit_pages, ..
+            } => Control::AttachNode {
+                nid,
+                credit_pages,
+                reply_addr: addr,
+            },
+            Control::Ping {
+                nr_upcalls,
+                nr_threads,
+                events,
+                ..
+            } => Control::Ping {
+                nr_upcalls,
+                nr_threads,
+                events,
+                reply_addr: addr,
+            },
+            other => other,
+        };
+        // SAFETY: the only user address in the command is the reply buffer
+        // of `op`, patched in above.
+        unsafe { self.submit_raw_control(ctrl.cmd_op(), ctrl.encode(), op) }
+    }
+
+    /// # Safety
+    ///
+    /// Any user address in `area` must be 0, or the reply buffer of `op`,
+    /// or otherwise valid for the kernel to write to.
+    unsafe fn submit_raw_control(
+        &mut self,
+        cmd_op: u32,
+        area: [u8; CTRL_CMD_SIZE],
+        op: CtrlOp,
+    ) -> Result<usize, Error> {
+        let entry = self.ctrl.vacant_entry();
+        let token = entry.key();
+        let sqe = opcode::UringCmd80::new(types::Fd(self.dev.as_raw_fd()), cmd_op)
+            .cmd(area)
+            .build()
+            .user_data(CTRL_TAG + token as u64);
+        // The box's heap buffer does not move when the op moves into the slab.
+        entry.insert(op);
+        // SAFETY: the reply buffer is owned by the slab entry `token`, which
+        // is removed only when this command's CQE is reaped in `drain`.
+        if let Err(e) = unsafe { sys::push(&mut self.ring, &sqe) } {
+            self.ctrl.remove(token);
+            return Err(e);
+        }
+        Ok(token)
+    }
+
+    /// Submit a control command with an arbitrary `cmd_op` and command area
+    /// and wait for its result (for tests of the kernel's validation).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Command`] with the kernel's errno, ring errors.
+    ///
+    /// # Safety
+    ///
+    /// Any user address inside `area` (a `reply_addr`) must be 0 or valid
+    /// for the kernel to write the command's reply record to.
+    pub unsafe fn raw_control(
+        &mut self,
+        cmd_op: u32,
+        area: [u8; CTRL_CMD_SIZE],
+    ) -> Result<i32, Error> {
+        let op = CtrlOp {
+            name: ctrl_name(cmd_op),
+            reply: Box::new([]),
+        };
+        // SAFETY: forwarded from this function's contract.
+        let token = unsafe { self.submit_raw_control(cmd_op, area, op) }?;
+        self.wait_control(token)?.result
+    }
+
+    /// Submit a hot-path command with an arbitrary `cmd_op` and payload on
+    /// behalf of `slot` (for tests).  Its failure arrives as
+    /// [`Completion::SlotFailed`].
+    ///
+    /// # Errors
+    ///
+    /// Ring errors.
+    pub fn raw_io(&mut self, cmd_op: u32, payload: [u8; 16], slot: u16) -> Result<(), Error> {
+        let sqe = opcode::UringCmd16::new(types::Fd(self.dev.as_raw_fd()), cmd_op)
+            .cmd(payload)
+            .build()
+            .user_data(u64::from(slot))
+            .into();
+        sys::push_no_buffers(&mut self.ring, &sqe)
+    }
+
+    /// Submit a control command and wait for it, keeping every other
+    /// completion for the next [`Transport::wait`].
+    ///
+    /// # Errors
+    ///
+    /// Ring errors; the command's own result is in the outcome.
+    pub fn control_sync(
+        &mut self,
+        ctrl: Control,
+        reply_len: usize,
+    ) -> Result<ControlOutcome, Error> {
+        let token = self.submit_control(ctrl, reply_len)?;
+        self.wait_control(token)
+    }
+
+    fn wait_control(&mut self, token: usize) -> Result<ControlOutcome, Error> {
+        loop {
+            if let Some(i) = self
+                .ready
+                .iter()
+                .position(|c| matches!(c, Completion::Control { token: t, .. } if *t == token))
+            {
+                match self.ready.remove(i) {
+                    Some(Completion::Control { outcome, .. }) => return Ok(outcome),
+                    _ => unreachable!("position() matched a Control"),
+                }
+            }
+            self.submit_and_wait()?;
+            self.drain();
+        }
+    }
+
+    fn submit_and_wait(&mut self) -> Result<(), Error> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(Error::Enter(e)),
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
+        for cqe in cqes {
+            let c = self.complete(cqe.user_data(), cqe.result());
+            self.ready.push_back(c);
+        }
+    }
+
+    fn complete(&mut self, user_data: u64, res: i32) -> Completion {
+        if user_data >= CTRL_TAG {
+            let token = (user_data - CTRL_TAG) as usize;
+            let op = self.ctrl.try_remove(token).unwrap_or(CtrlOp {
+                name: "unknown control command",
+                reply: Box::new([]),
+            });
+            let result = if res >= 0 {
+                Ok(res)
+            } else {
+                Err(Error::command(op.name, res))
+            };
+            return Completion::Control {
+                token,
+                outcome: ControlOutcome {
+                    name: op.name,
+                    result,
+                    reply: op.reply,
+                },
+            };
+        }
+        let slot = user_data as u16;
+        if res == -libc::ENODEV || res == -libc::ECANCELED {
+            return Completion::Teardown { slot };
+        }
+        if res < 0 {
+            return Completion::SlotFailed {
+                slot,
+                error: Error::command("FETCH/COMMIT_AND_FETCH", res),
+            };
+        }
+        let Some(descs) = self.descs.as_ref() else {
+            // A FETCH cannot succeed before HELLO; treat it as a protocol error.
+            return Completion::SlotFailed {
+                slot,
+                error: Error::command("FETCH", -libc::EPROTO),
+            };
+        };
+        if slot >= self.hello.queue_depth {
+            return Completion::SlotFailed {
+                slot,
+                error: Error::command("FETCH", -libc::ERANGE),
+            };
+        }
+        let desc = descs.read(slot);
+        match Request::from_raw(&desc) {
+            Ok(request) => Completion::Upcall { slot, request },
+            Err(error) => Completion::Malformed {
+                slot,
+                seq: desc.seq,
+                error,
+            },
+        }
+    }
+
+    /// Submit what is queued, wait for at least one completion and move
+    /// every available completion into `out`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Enter`].
+    pub fn wait(&mut self, out: &mut Vec<Completion>) -> Result<(), Error> {
+        if self.ready.is_empty() {
+            self.submit_and_wait()?;
+        } else {
+            self.flush()?;
+        }
+        self.drain();
+        out.extend(self.ready.drain(..));
+        Ok(())
+    }
+
+    /// Read the events queued now (non-blocking); empty when none.
+    ///
+    /// # Errors
+    ///
+    /// The read's error (other than `EAGAIN`); malformed events are
+    /// returned as `Err` items.
+    pub fn read_events(&self) -> io::Result<Vec<Result<Event, DecodeError>>> {
+        let mut buf = vec![0u8; 256 * event::EVENT_SIZE];
+        let n = match (&self.dev).read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(event::decode_batch(&buf[..n]).collect())
+    }
+}
+
+/// Decode a PING reply from a control outcome.
+///
+/// # Errors
+///
+/// The command's error, or [`Error::Decode`].
+pub fn ping_reply(outcome: ControlOutcome) -> Result<raw::PingReply, Error> {
+    outcome.result?;
+    Ok(control::decode_ping_reply(&outcome.reply)?)
+}

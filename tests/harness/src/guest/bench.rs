@@ -1,0 +1,142 @@
+//! `bench-upcall` (run by `cargo xtask bench upcall`): the PING round trip
+//! through `/dev/mm_upcall` next to a pipe ping-pong between two processes,
+//! measured in the same boot, alternating, three rounds each.
+#![allow(unsafe_code)]
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use mm_upcall_kernel::proto::raw::ping::{HIST_BUCKETS, hist_bucket, hist_lower_bound};
+use mm_upcall_kernel::{Config, Transport};
+
+const N: u32 = 20_000;
+const ROUNDS: usize = 3;
+
+/// Mean and p99 (lower bound of its histogram bucket, as for the upcall).
+struct Stats {
+    mean_ns: f64,
+    p99_ns: u64,
+}
+
+fn p99_of(hist: &[u64]) -> u64 {
+    let total: u64 = hist.iter().sum();
+    let want = (total * 990).div_ceil(1000).max(1);
+    let mut seen = 0;
+    for (b, &c) in hist.iter().enumerate() {
+        seen += c;
+        if seen >= want && c > 0 {
+            return hist_lower_bound(b);
+        }
+    }
+    0
+}
+
+/// One byte back and forth between this process and a forked child.
+fn pipe_round() -> Result<Stats> {
+    let mut a = [0i32; 2];
+    let mut b = [0i32; 2];
+    // SAFETY: pipe() fills the two-element arrays.
+    if unsafe { libc::pipe(a.as_mut_ptr()) } != 0 || unsafe { libc::pipe(b.as_mut_ptr()) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the child only uses read/write/_exit on inherited fds.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut byte = 0u8;
+        // SAFETY: one-byte reads and writes into a local on valid fds.
+        unsafe {
+            while libc::read(a[0], (&raw mut byte).cast(), 1) == 1 {
+                if libc::write(b[1], (&raw const byte).cast(), 1) != 1 {
+                    break;
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut hist = vec![0u64; HIST_BUCKETS];
+    let mut total = 0u128;
+    let mut byte = 1u8;
+    for i in 0..(N + 1000) {
+        let t = Instant::now();
+        // SAFETY: one-byte write and read on our pipe ends.
+        let ok = unsafe {
+            libc::write(a[1], (&raw const byte).cast(), 1) == 1
+                && libc::read(b[0], (&raw mut byte).cast(), 1) == 1
+        };
+        if !ok {
+            bail!("pipe ping-pong: {}", std::io::Error::last_os_error());
+        }
+        let ns = t.elapsed().as_nanos();
+        if i >= 1000 {
+            total += ns;
+            hist[hist_bucket(ns as u64)] += 1;
+        }
+    }
+    // SAFETY: closing our pipe ends ends the child's loop; then reap it.
+    unsafe {
+        for fd in [a[0], a[1], b[0], b[1]] {
+            libc::close(fd);
+        }
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    Ok(Stats {
+        mean_ns: total as f64 / f64::from(N),
+        p99_ns: p99_of(&hist),
+    })
+}
+
+fn upcall_round(t: &mut Transport) -> Result<Stats> {
+    let (r, _, _) = crate::upcall::serve_ping(t, N, 1, false)?;
+    if r.answered != u64::from(N) {
+        bail!("only {} of {N} PING upcalls answered", r.answered);
+    }
+    Ok(Stats {
+        mean_ns: r.total_ns as f64 / r.answered as f64,
+        p99_ns: r.quantile_ns(990),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn upcall() -> Result<()> {
+    let mut t = Transport::open(&Config {
+        queue_depth: 16,
+        ..Config::default()
+    })?;
+    let (mut pm, mut pp, mut um, mut up) = (vec![], vec![], vec![], vec![]);
+    for round in 0..ROUNDS {
+        let p = pipe_round()?;
+        let u = upcall_round(&mut t)?;
+        println!(
+            "bench-upcall: round {round}: pipe mean {:.1} us p99 {:.1} us; upcall mean {:.1} us p99 {:.1} us",
+            p.mean_ns / 1e3,
+            p.p99_ns as f64 / 1e3,
+            u.mean_ns / 1e3,
+            u.p99_ns as f64 / 1e3
+        );
+        pm.push(p.mean_ns);
+        pp.push(p.p99_ns as f64);
+        um.push(u.mean_ns);
+        up.push(u.p99_ns as f64);
+    }
+    let (pm, pp, um, up) = (median(pm), median(pp), median(um), median(up));
+    println!("BENCH | metric | pipe ping-pong (baseline) | upcall PING | upcall / pipe |");
+    println!("BENCH |---|---|---|---|");
+    println!(
+        "BENCH | mean round trip | {:.1} us | {:.1} us | {:.2} |",
+        pm / 1e3,
+        um / 1e3,
+        um / pm
+    );
+    println!(
+        "BENCH | p99 round trip | {:.1} us | {:.1} us | {:.2} |",
+        pp / 1e3,
+        up / 1e3,
+        up / pp
+    );
+    println!("BENCH ({N} round trips per run, median of {ROUNDS} alternating runs, one boot, TCG)");
+    Ok(())
+}

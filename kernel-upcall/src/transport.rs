@@ -154,7 +154,14 @@ impl Transport {
                 source,
             })?;
         let entries = (u32::from(cfg.queue_depth) + 16).next_power_of_two();
-        let ring = IoUring::builder().build(entries).map_err(Error::Ring)?;
+        // One thread drives the ring: let the kernel queue our completions
+        // (the upcalls) as local work that runs when we wait, instead of
+        // interrupting us with task-work signals.
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .map_err(Error::Ring)?;
         Ok(Transport {
             dev,
             ring,

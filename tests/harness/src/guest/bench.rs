@@ -41,10 +41,16 @@ fn pipe_round() -> Result<Stats> {
     }
     // SAFETY: the child only uses read/write/_exit on inherited fds.
     let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork: {}", std::io::Error::last_os_error());
+    }
     if pid == 0 {
         let mut byte = 0u8;
-        // SAFETY: one-byte reads and writes into a local on valid fds.
+        // SAFETY: closing the ends this child does not use, then one-byte
+        // reads and writes into a local on valid fds.
         unsafe {
+            libc::close(a[1]);
+            libc::close(b[0]);
             while libc::read(a[0], (&raw mut byte).cast(), 1) == 1 {
                 if libc::write(b[1], (&raw const byte).cast(), 1) != 1 {
                     break;
@@ -52,6 +58,11 @@ fn pipe_round() -> Result<Stats> {
             }
             libc::_exit(0);
         }
+    }
+    // SAFETY: the parent's unused ends; the child holds its own copies.
+    unsafe {
+        libc::close(a[0]);
+        libc::close(b[1]);
     }
     let mut hist = vec![0u64; HIST_BUCKETS];
     let mut total = 0u128;
@@ -72,9 +83,9 @@ fn pipe_round() -> Result<Stats> {
             hist[hist_bucket(ns as u64)] += 1;
         }
     }
-    // SAFETY: closing our pipe ends ends the child's loop; then reap it.
+    // SAFETY: closing our ends gives the child EOF; then reap it.
     unsafe {
-        for fd in [a[0], a[1], b[0], b[1]] {
+        for fd in [a[1], b[0]] {
             libc::close(fd);
         }
         libc::waitpid(pid, std::ptr::null_mut(), 0);

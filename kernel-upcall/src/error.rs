@@ -71,3 +71,49 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_a_negative_errno() {
+        let errs = [
+            Error::Open {
+                path: "/x".into(),
+                source: io::Error::from_raw_os_error(libc::EBUSY),
+            },
+            Error::Ring(io::Error::from_raw_os_error(libc::ENOMEM)),
+            Error::Enter(io::Error::other("no errno")),
+            Error::SqFull,
+            Error::command("HELLO", -libc::EPROTONOSUPPORT),
+            Error::Decode(DecodeError::ReservedNonZero { field: "reserved" }),
+            Error::Features { missing: 1 },
+            Error::Shutdown,
+        ];
+        let want = [
+            -libc::EBUSY,
+            -libc::ENOMEM,
+            -libc::EIO,
+            -libc::EBUSY,
+            -libc::EPROTONOSUPPORT,
+            -libc::EPROTO,
+            -libc::EOPNOTSUPP,
+            -libc::ENODEV,
+        ];
+        for (e, w) in errs.iter().zip(want) {
+            assert_eq!(e.errno(), w, "{e}");
+        }
+    }
+
+    #[test]
+    fn command_error_names_the_command_and_keeps_the_errno_as_source() {
+        let e = Error::command("PING", -libc::EBUSY);
+        assert_eq!(e.to_string(), "PING failed");
+        let src = std::error::Error::source(&e).expect("has a source");
+        assert_eq!(
+            src.to_string(),
+            io::Error::from_raw_os_error(libc::EBUSY).to_string()
+        );
+    }
+}

@@ -529,3 +529,45 @@ pub fn ping_reply(outcome: ControlOutcome) -> Result<raw::PingReply, Error> {
     outcome.result?;
     Ok(control::decode_ping_reply(&outcome.reply)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_device_is_an_open_error_with_the_path() {
+        let cfg = Config {
+            path: "/nonexistent/mm_upcall".into(),
+            ..Config::default()
+        };
+        match Transport::open(&cfg) {
+            Err(Error::Open { path, source }) => {
+                assert_eq!(path, "/nonexistent/mm_upcall");
+                assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
+            }
+            other => panic!("expected Error::Open, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_tags_never_collide_with_slot_numbers() {
+        assert!(u64::from(raw::MAX_QUEUE_DEPTH) < CTRL_TAG);
+        assert!(u64::from(u16::MAX) < CTRL_TAG);
+    }
+
+    #[test]
+    fn control_names_cover_every_control_opcode() {
+        for op in [
+            raw::ctrl_op::HELLO,
+            raw::ctrl_op::ATTACH_NODE,
+            raw::ctrl_op::DETACH_NODE,
+            raw::ctrl_op::SET_CREDIT,
+            raw::ctrl_op::PROMOTE_PFN,
+            raw::ctrl_op::RESYNC,
+            raw::ctrl_op::PING,
+        ] {
+            assert_ne!(ctrl_name(op), "control command");
+        }
+        assert_eq!(ctrl_name(0), "control command");
+    }
+}

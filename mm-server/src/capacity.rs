@@ -1,0 +1,505 @@
+//! The compressed-node allocator's capacity model.
+//!
+//! One [`NodeAccount`] per managed node tracks, in a dense array indexed by
+//! `pfn - start_pfn` (4 bytes per page), what every page of the node costs
+//! in physical (compressed) space, plus the credit granted to the kernel
+//! but not yet used.
+//!
+//! Accounting rules:
+//! - a resident page costs its measured compressed size rounded up to the
+//!   device granule; all-zero pages cost nothing;
+//! - a resident page not measured yet costs the worst case
+//!   ([`Geometry::worst_case`]: the LZ4 bound of a page, rounded up);
+//! - every page of credit granted and not yet placed is reserved at the
+//!   worst case, so a placement can never push use past what was reserved;
+//! - a page the server allowed to be written in place costs a full worst
+//!   case until it is fenced again (its content may change at any time).
+//!
+//! Invariant (property-tested against a plain model): as long as pages only
+//! arrive through granted credit, `used + reserved <= capacity`.
+
+use thiserror::Error;
+
+/// Why a configuration is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    #[error("granule must be a power of two between 8 and 4096 bytes, got {0}")]
+    Granule(u32),
+    #[error(
+        "watermarks must satisfy 0 < low < high < critical <= 100 (percent), got {low}/{high}/{critical}"
+    )]
+    Watermarks { low: u8, high: u8, critical: u8 },
+    #[error("capacity must be at least one page ({page} bytes), got {capacity}")]
+    Capacity { capacity: u64, page: u64 },
+}
+
+/// Device geometry and policy thresholds of one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Physical bytes the device can store.
+    pub capacity: u64,
+    /// Allocation granule of the device, bytes (power of two).
+    pub granule: u32,
+    /// Watermarks in percent of capacity.
+    pub low: u8,
+    pub high: u8,
+    pub critical: u8,
+}
+
+/// Base page size.
+pub const PAGE_SIZE: u32 = 4096;
+
+impl Geometry {
+    /// Check the thresholds.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the field to fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.granule.is_power_of_two() || !(8..=PAGE_SIZE).contains(&self.granule) {
+            return Err(ConfigError::Granule(self.granule));
+        }
+        if !(0 < self.low
+            && self.low < self.high
+            && self.high < self.critical
+            && self.critical <= 100)
+        {
+            return Err(ConfigError::Watermarks {
+                low: self.low,
+                high: self.high,
+                critical: self.critical,
+            });
+        }
+        if self.capacity < u64::from(PAGE_SIZE) {
+            return Err(ConfigError::Capacity {
+                capacity: self.capacity,
+                page: u64::from(PAGE_SIZE),
+            });
+        }
+        Ok(())
+    }
+
+    /// Round a compressed size up to the granule.
+    pub fn round(&self, bytes: u32) -> u32 {
+        bytes.div_ceil(self.granule) * self.granule
+    }
+
+    /// What an unmeasured page may cost: LZ4's bound for a page, rounded.
+    pub fn worst_case(&self) -> u32 {
+        self.round(lz4_flex::block::get_maximum_output_size(PAGE_SIZE as usize) as u32)
+    }
+
+    fn mark(&self, percent: u8) -> u64 {
+        self.capacity / 100 * u64::from(percent) + self.capacity % 100 * u64::from(percent) / 100
+    }
+}
+
+/// The compressed size of a page as the device would store it: 0 for an
+/// all-zero page, else the LZ4 block size rounded up to the granule.
+pub fn measure(geometry: &Geometry, page: &[u8]) -> u32 {
+    if page.iter().all(|&b| b == 0) {
+        return 0;
+    }
+    let compressed = lz4_flex::block::compress(page);
+    geometry.round(compressed.len() as u32)
+}
+
+/// Per-page state, packed in 32 bits:
+/// `state:2 | granules:10 | heat:8 | spare:12`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(transparent)]
+pub struct PageMeta(u32);
+
+/// What a page of the node holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    /// Not resident (free on the node, or not ours).
+    Empty = 0,
+    /// Resident, not measured yet: costs the worst case.
+    Unmeasured = 1,
+    /// Resident, measured.
+    Measured = 2,
+    /// Resident and writable in place: costs the worst case.
+    Writable = 3,
+}
+
+const GRANULE_BITS: u32 = 10;
+
+impl PageMeta {
+    pub fn state(self) -> PageState {
+        match self.0 & 3 {
+            0 => PageState::Empty,
+            1 => PageState::Unmeasured,
+            2 => PageState::Measured,
+            _ => PageState::Writable,
+        }
+    }
+
+    /// Measured size in granules (meaningful when `Measured`).
+    pub fn granules(self) -> u32 {
+        (self.0 >> 2) & ((1 << GRANULE_BITS) - 1)
+    }
+
+    /// Access count in the current window (saturating).
+    pub fn heat(self) -> u8 {
+        (self.0 >> 12) as u8
+    }
+
+    fn with_state(self, s: PageState) -> Self {
+        Self((self.0 & !3) | s as u32)
+    }
+
+    fn with_granules(self, g: u32) -> Self {
+        let mask = ((1 << GRANULE_BITS) - 1) << 2;
+        Self((self.0 & !mask) | ((g.min((1 << GRANULE_BITS) - 1)) << 2))
+    }
+
+    fn with_heat(self, h: u8) -> Self {
+        Self((self.0 & !(0xff << 12)) | (u32::from(h) << 12))
+    }
+}
+
+const _: () = assert!(size_of::<PageMeta>() == 4);
+
+/// Pressure on a node, from its watermarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Below high: grant credit.
+    Normal,
+    /// At or above high: stop granting, evict down to low.
+    High,
+    /// At or above critical: deny everything, evict.
+    Critical,
+}
+
+/// Why an event did not fit the model (the kernel's report disagrees with
+/// our bookkeeping: the caller should RESYNC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum AccountError {
+    #[error("pfn {pfn:#x} is outside the node")]
+    OutOfNode { pfn: u64 },
+    #[error("pfn {pfn:#x} is already resident")]
+    AlreadyResident { pfn: u64 },
+    #[error("pfn {pfn:#x} is not resident")]
+    NotResident { pfn: u64 },
+}
+
+/// The accounting of one managed node.
+#[derive(Debug, Clone)]
+pub struct NodeAccount {
+    geometry: Geometry,
+    worst: u32,
+    start_pfn: u64,
+    pages: Vec<PageMeta>,
+    /// Physical bytes charged for resident pages.
+    used: u64,
+    /// Pages of credit granted and not yet placed (each reserves `worst`).
+    credit: u64,
+    resident: u64,
+    zero_pages: u64,
+    writable: u64,
+}
+
+impl NodeAccount {
+    /// A node of `nr_pages` pages starting at `start_pfn`.
+    ///
+    /// # Errors
+    ///
+    /// The geometry's [`ConfigError`].
+    pub fn new(geometry: Geometry, start_pfn: u64, nr_pages: usize) -> Result<Self, ConfigError> {
+        geometry.validate()?;
+        Ok(Self {
+            worst: geometry.worst_case(),
+            geometry,
+            start_pfn,
+            pages: vec![PageMeta::default(); nr_pages],
+            used: 0,
+            credit: 0,
+            resident: 0,
+            zero_pages: 0,
+            writable: 0,
+        })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Physical bytes charged for resident pages.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Physical bytes reserved for credit not yet used.
+    pub fn reserved(&self) -> u64 {
+        self.credit * u64::from(self.worst)
+    }
+
+    /// `used + reserved`: what the invariant bounds by capacity.
+    pub fn committed(&self) -> u64 {
+        self.used + self.reserved()
+    }
+
+    pub fn credit(&self) -> u64 {
+        self.credit
+    }
+
+    pub fn resident_pages(&self) -> u64 {
+        self.resident
+    }
+
+    pub fn zero_pages(&self) -> u64 {
+        self.zero_pages
+    }
+
+    /// Bytes of metadata per page of the node.
+    pub fn metadata_bytes_per_page(&self) -> usize {
+        size_of::<PageMeta>()
+    }
+
+    /// Pressure from `used + reserved` against the watermarks.
+    pub fn level(&self) -> Level {
+        let c = self.committed();
+        if c >= self.geometry.mark(self.geometry.critical) {
+            Level::Critical
+        } else if c >= self.geometry.mark(self.geometry.high) {
+            Level::High
+        } else {
+            Level::Normal
+        }
+    }
+
+    /// Grant up to `want` pages of demotion credit: as many as keep
+    /// `used + reserved` below the high watermark.  Returns the grant.
+    pub fn grant(&mut self, want: u64) -> u64 {
+        let high = self.geometry.mark(self.geometry.high);
+        let room = high.saturating_sub(self.committed()) / u64::from(self.worst);
+        let n = want.min(room);
+        self.credit += n;
+        n
+    }
+
+    /// Take back credit the kernel will not use (a DENY, a SET_CREDIT to a
+    /// lower value).
+    pub fn revoke(&mut self, pages: u64) {
+        self.credit = self.credit.saturating_sub(pages);
+    }
+
+    fn index(&self, pfn: u64) -> Result<usize, AccountError> {
+        pfn.checked_sub(self.start_pfn)
+            .map(|i| i as usize)
+            .filter(|&i| i < self.pages.len())
+            .ok_or(AccountError::OutOfNode { pfn })
+    }
+
+    fn range(&self, pfn: u64, order: u32) -> Result<std::ops::Range<usize>, AccountError> {
+        let first = self.index(pfn)?;
+        let n = 1usize << order.min(20);
+        let last = pfn + n as u64 - 1;
+        self.index(last)?;
+        Ok(first..first + n)
+    }
+
+    fn cost(&self, m: PageMeta) -> u64 {
+        match m.state() {
+            PageState::Empty => 0,
+            PageState::Unmeasured | PageState::Writable => u64::from(self.worst),
+            PageState::Measured => u64::from(m.granules()) * u64::from(self.geometry.granule),
+        }
+    }
+
+    /// A folio arrived (PLACED).  With `credited`, it uses credit granted
+    /// earlier (reclaim-time demotion); otherwise it is charged on top (the
+    /// server's own migrations, or RESYNC of pages from before a restart).
+    ///
+    /// # Errors
+    ///
+    /// [`AccountError`] if the pfns are outside the node or already
+    /// resident; nothing is changed then.
+    pub fn placed(&mut self, pfn: u64, order: u32, credited: bool) -> Result<(), AccountError> {
+        let r = self.range(pfn, order)?;
+        if let Some(i) = r
+            .clone()
+            .find(|&i| self.pages[i].state() != PageState::Empty)
+        {
+            return Err(AccountError::AlreadyResident {
+                pfn: self.start_pfn + i as u64,
+            });
+        }
+        for i in r {
+            self.pages[i] = PageMeta::default().with_state(PageState::Unmeasured);
+            self.used += u64::from(self.worst);
+            self.resident += 1;
+            if credited {
+                self.credit = self.credit.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// The measured compressed size of the resident page `pfn` (bytes,
+    /// before rounding); 0 for an all-zero page.
+    ///
+    /// # Errors
+    ///
+    /// [`AccountError`] if `pfn` is not resident.
+    pub fn measured(&mut self, pfn: u64, bytes: u32) -> Result<(), AccountError> {
+        let i = self.index(pfn)?;
+        let m = self.pages[i];
+        if m.state() == PageState::Empty {
+            return Err(AccountError::NotResident { pfn });
+        }
+        if m.state() == PageState::Writable {
+            // Its content is not stable: keep charging the worst case.
+            return Ok(());
+        }
+        let rounded = self.geometry.round(bytes);
+        let granules = rounded / self.geometry.granule;
+        let old = self.cost(m);
+        let new_meta = m.with_state(PageState::Measured).with_granules(granules);
+        let new = self.cost(new_meta);
+        self.used = self.used - old + new;
+        if m.state() == PageState::Measured && m.granules() == 0 {
+            self.zero_pages -= 1;
+        }
+        if granules == 0 {
+            self.zero_pages += 1;
+        }
+        self.pages[i] = new_meta;
+        Ok(())
+    }
+
+    /// A folio left the node (FREED or PROMOTED).
+    ///
+    /// # Errors
+    ///
+    /// [`AccountError`] if a page of it is not resident; nothing changes.
+    pub fn left(&mut self, pfn: u64, order: u32) -> Result<(), AccountError> {
+        let r = self.range(pfn, order)?;
+        if let Some(i) = r
+            .clone()
+            .find(|&i| self.pages[i].state() == PageState::Empty)
+        {
+            return Err(AccountError::NotResident {
+                pfn: self.start_pfn + i as u64,
+            });
+        }
+        for i in r {
+            let m = self.pages[i];
+            self.used -= self.cost(m);
+            self.resident -= 1;
+            if m.state() == PageState::Measured && m.granules() == 0 {
+                self.zero_pages -= 1;
+            }
+            if m.state() == PageState::Writable {
+                self.writable -= 1;
+            }
+            self.pages[i] = PageMeta::default();
+        }
+        Ok(())
+    }
+
+    /// Make a resident page writable in place if the node has room for it
+    /// at the worst case and fewer than `budget` pages are writable.
+    ///
+    /// # Errors
+    ///
+    /// [`AccountError`] if `pfn` is not resident.
+    pub fn allow_in_place(&mut self, pfn: u64, budget: u64) -> Result<bool, AccountError> {
+        let i = self.index(pfn)?;
+        let m = self.pages[i];
+        match m.state() {
+            PageState::Empty => return Err(AccountError::NotResident { pfn }),
+            PageState::Writable => return Ok(true),
+            _ => {}
+        }
+        let extra = u64::from(self.worst) - self.cost(m);
+        if self.writable >= budget
+            || self.committed() + extra > self.geometry.mark(self.geometry.high)
+        {
+            return Ok(false);
+        }
+        if m.state() == PageState::Measured && m.granules() == 0 {
+            self.zero_pages -= 1;
+        }
+        self.used += extra;
+        self.writable += 1;
+        self.pages[i] = m.with_state(PageState::Writable);
+        Ok(true)
+    }
+
+    /// Count an access (hint fault) to `pfn`.
+    pub fn touch(&mut self, pfn: u64) {
+        if let Ok(i) = self.index(pfn) {
+            let m = self.pages[i];
+            self.pages[i] = m.with_heat(m.heat().saturating_add(1));
+        }
+    }
+
+    /// Halve every page's heat (end of a hotness window).
+    pub fn cool(&mut self) {
+        for m in &mut self.pages {
+            *m = m.with_heat(m.heat() / 2);
+        }
+    }
+
+    /// Heat of `pfn` (0 outside the node).
+    pub fn heat(&self, pfn: u64) -> u8 {
+        self.index(pfn).map_or(0, |i| self.pages[i].heat())
+    }
+
+    /// The pages to evict (PROMOTE_PFN) to bring `used + reserved` below the
+    /// low watermark: the costliest (least compressible) first, the hottest
+    /// last among equals.  Empty when below high.
+    pub fn eviction_plan(&self) -> Vec<u64> {
+        if self.level() == Level::Normal {
+            return Vec::new();
+        }
+        let low = self.geometry.mark(self.geometry.low);
+        let mut need = self.committed().saturating_sub(low);
+        let mut cands: Vec<(u64, u8, usize)> = self
+            .pages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.state() != PageState::Empty)
+            .map(|(i, m)| (self.cost(*m), m.heat(), i))
+            .filter(|&(cost, _, _)| cost > 0)
+            .collect();
+        cands.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let mut plan = Vec::new();
+        for (cost, _, i) in cands {
+            if need == 0 {
+                break;
+            }
+            plan.push(self.start_pfn + i as u64);
+            need = need.saturating_sub(cost);
+        }
+        plan
+    }
+
+    /// Recount `used`, `resident` and `zero_pages` from the page array (for
+    /// checks: must equal the running totals).
+    pub fn recount(&self) -> (u64, u64, u64) {
+        let used = self.pages.iter().map(|&m| self.cost(m)).sum();
+        let resident = self
+            .pages
+            .iter()
+            .filter(|m| m.state() != PageState::Empty)
+            .count() as u64;
+        let zero = self
+            .pages
+            .iter()
+            .filter(|m| m.state() == PageState::Measured && m.granules() == 0)
+            .count() as u64;
+        (used, resident, zero)
+    }
+
+    /// Resident pfns (for comparing with the kernel's truth).
+    pub fn resident_pfns(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.state() != PageState::Empty)
+            .map(|(i, _)| self.start_pfn + i as u64)
+    }
+}

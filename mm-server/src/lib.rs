@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 pub mod capacity;
+pub mod config;
 pub mod fake;
 pub mod policy;
 pub mod transport;

@@ -1,0 +1,304 @@
+//! The TOML configuration of `mm-server`, and its validation.
+//!
+//! ```toml
+//! [server]
+//! device = "/dev/mm_upcall"   # default
+//! queue_depth = 64            # slots, 1..=1024
+//! timeout_ms = 1000           # longest wait on us, 1..=60000
+//!
+//! [policy]
+//! writable_budget = 0         # pages per node written in place
+//! hot_threshold = 2
+//! promote_rate_limit_mbps = 65536
+//! fast_nodes = [0]
+//!
+//! [[node]]
+//! nid = 1
+//! capacity_mib = 512          # physical capacity of the device
+//! granule = 64                # device allocation granule, bytes
+//! watermarks = { low = 60, high = 80, critical = 95 }   # percent
+//! ```
+//!
+//! Unknown keys are errors (`deny_unknown_fields`), so a typo never
+//! silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::capacity::{ConfigError as GeometryError, Geometry};
+use crate::policy::PolicyConfig;
+
+/// Why a configuration cannot be used.  Every message says what to fix.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("[[node]] #{index} (nid {nid})")]
+    Geometry {
+        index: usize,
+        nid: u16,
+        #[source]
+        source: GeometryError,
+    },
+    #[error("no [[node]] configured: add at least one managed node")]
+    NoNodes,
+    #[error("node {nid} is configured twice")]
+    DuplicateNode { nid: u16 },
+    #[error(
+        "node {nid} does not exist ({path} is missing); check `nid` against /sys/devices/system/node"
+    )]
+    MissingNode { nid: u16, path: PathBuf },
+    #[error("node {nid} has CPUs ({cpus}); a managed node must be memory-only")]
+    NodeHasCpus { nid: u16, cpus: String },
+    #[error("node {nid} is both managed and listed in policy.fast_nodes")]
+    FastNodeManaged { nid: u16 },
+    #[error("server.queue_depth must be 1..=1024, got {0}")]
+    QueueDepth(u16),
+    #[error("server.timeout_ms must be 1..=60000, got {0}")]
+    Timeout(u32),
+    #[error(
+        "device {path} is missing: boot a kernel with CONFIG_MM_UPCALL=y (see kernel-upcall/linux) or set server.device"
+    )]
+    MissingDevice { path: PathBuf },
+    #[error("{path} is not a character device; set server.device to /dev/mm_upcall")]
+    NotADevice { path: PathBuf },
+}
+
+fn default_device() -> PathBuf {
+    PathBuf::from(mm_upcall_kernel::DEVICE_PATH)
+}
+fn default_depth() -> u16 {
+    64
+}
+fn default_timeout() -> u32 {
+    1000
+}
+fn default_granule() -> u32 {
+    64
+}
+fn default_hot() -> u8 {
+    2
+}
+fn default_rate() -> u64 {
+    65536
+}
+fn default_fast() -> Vec<u16> {
+    vec![0]
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default = "default_device")]
+    pub device: PathBuf,
+    #[serde(default = "default_depth")]
+    pub queue_depth: u16,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u32,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            device: default_device(),
+            queue_depth: default_depth(),
+            timeout_ms: default_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    #[serde(default)]
+    pub writable_budget: u64,
+    #[serde(default = "default_hot")]
+    pub hot_threshold: u8,
+    #[serde(default = "default_rate")]
+    pub promote_rate_limit_mbps: u64,
+    #[serde(default = "default_fast")]
+    pub fast_nodes: Vec<u16>,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self {
+            writable_budget: 0,
+            hot_threshold: default_hot(),
+            promote_rate_limit_mbps: default_rate(),
+            fast_nodes: default_fast(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Watermarks {
+    pub low: u8,
+    pub high: u8,
+    pub critical: u8,
+}
+
+impl Default for Watermarks {
+    fn default() -> Self {
+        Self {
+            low: 60,
+            high: 80,
+            critical: 95,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub nid: u16,
+    pub capacity_mib: u64,
+    #[serde(default = "default_granule")]
+    pub granule: u32,
+    #[serde(default)]
+    pub watermarks: Watermarks,
+}
+
+impl NodeSection {
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            capacity: self.capacity_mib.saturating_mul(1 << 20),
+            granule: self.granule,
+            low: self.watermarks.low,
+            high: self.watermarks.high,
+            critical: self.watermarks.critical,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+    #[serde(default)]
+    pub node: Vec<NodeSection>,
+}
+
+impl Config {
+    /// Read and parse a file (no checks against the system yet).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Read`], [`ConfigError::Parse`] (with the key and line).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parse TOML text.
+    ///
+    /// # Errors
+    ///
+    /// The TOML error, naming the offending key.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks that need no system: ranges, watermarks, duplicates.
+    ///
+    /// # Errors
+    ///
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1024).contains(&self.server.queue_depth) {
+            return Err(ConfigError::QueueDepth(self.server.queue_depth));
+        }
+        if !(1..=60_000).contains(&self.server.timeout_ms) {
+            return Err(ConfigError::Timeout(self.server.timeout_ms));
+        }
+        if self.node.is_empty() {
+            return Err(ConfigError::NoNodes);
+        }
+        for (index, n) in self.node.iter().enumerate() {
+            n.geometry()
+                .validate()
+                .map_err(|source| ConfigError::Geometry {
+                    index,
+                    nid: n.nid,
+                    source,
+                })?;
+            if self.node[..index].iter().any(|m| m.nid == n.nid) {
+                return Err(ConfigError::DuplicateNode { nid: n.nid });
+            }
+            if self.policy.fast_nodes.contains(&n.nid) {
+                return Err(ConfigError::FastNodeManaged { nid: n.nid });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks against the running system: every managed node exists and is
+    /// memory-only (under `sysfs`, normally `/sys`), and the device exists.
+    ///
+    /// # Errors
+    ///
+    /// The first problem found.
+    pub fn check_system(&self, sysfs: &Path) -> Result<(), ConfigError> {
+        for n in &self.node {
+            let dir = sysfs.join(format!("devices/system/node/node{}", n.nid));
+            if !dir.is_dir() {
+                return Err(ConfigError::MissingNode {
+                    nid: n.nid,
+                    path: dir,
+                });
+            }
+            let cpus = std::fs::read_to_string(dir.join("cpulist")).unwrap_or_default();
+            if !cpus.trim().is_empty() {
+                return Err(ConfigError::NodeHasCpus {
+                    nid: n.nid,
+                    cpus: cpus.trim().to_string(),
+                });
+            }
+        }
+        let dev = &self.server.device;
+        match std::fs::metadata(dev) {
+            Err(_) => Err(ConfigError::MissingDevice { path: dev.clone() }),
+            Ok(m) => {
+                use std::os::unix::fs::FileTypeExt as _;
+                if m.file_type().is_char_device() {
+                    Ok(())
+                } else {
+                    Err(ConfigError::NotADevice { path: dev.clone() })
+                }
+            }
+        }
+    }
+
+    /// The policy knobs.
+    pub fn policy(&self) -> PolicyConfig {
+        PolicyConfig {
+            writable_budget: self.policy.writable_budget,
+            hot_threshold: self.policy.hot_threshold,
+            promote_rate_limit_mbps: self.policy.promote_rate_limit_mbps,
+            fast_nodes: self.policy.fast_nodes.clone(),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! `mm-server --check-config` on good and hostile configurations: every
+//! error says what to fix and the exit code is non-zero.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("mm-server-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (n, cpus) in [(0, "0-1\n"), (1, "\n")] {
+            let node = dir.join(format!("sys/devices/system/node/node{n}"));
+            std::fs::create_dir_all(&node).unwrap();
+            std::fs::write(node.join("cpulist"), cpus).unwrap();
+        }
+        Self { dir }
+    }
+
+    fn check(&self, toml: &str) -> (bool, String) {
+        let cfg = self.dir.join("mm-server.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mm-server"))
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--sysfs-root")
+            .arg(self.dir.join("sys"))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const GOOD: &str = r#"
+[server]
+device = "/dev/null"
+
+[[node]]
+nid = 1
+capacity_mib = 512
+"#;
+
+fn fails_with(name: &str, toml: &str, needle: &str) {
+    let f = Fixture::new(name);
+    let (ok, text) = f.check(toml);
+    assert!(!ok, "{name}: accepted:\n{text}");
+    assert!(
+        text.contains(needle),
+        "{name}: message does not say `{needle}`:\n{text}"
+    );
+    assert!(text.starts_with("mm-server: "), "{name}: {text}");
+}
+
+#[test]
+fn a_good_config_checks_out() {
+    let f = Fixture::new("good");
+    let (ok, text) = f.check(GOOD);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("ok (1 managed node, device /dev/null)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn malformed_toml_names_the_line() {
+    fails_with("malformed", "[[node]\nnid = 1", "line 1");
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    fails_with(
+        "unknown",
+        &format!("{GOOD}\n[policy]\nwritable_budgte = 3\n"),
+        "writable_budgte",
+    );
+}
+
+#[test]
+fn impossible_watermarks_say_the_rule() {
+    fails_with(
+        "watermarks",
+        "[server]\ndevice = \"/dev/null\"\n[[node]]\nnid = 1\ncapacity_mib = 64\nwatermarks = { low = 90, high = 80, critical = 95 }\n",
+        "0 < low < high < critical <= 100",
+    );
+}
+
+#[test]
+fn a_node_that_does_not_exist_is_named() {
+    fails_with(
+        "missing-node",
+        "[server]\ndevice = \"/dev/null\"\n[[node]]\nnid = 7\ncapacity_mib = 64\n",
+        "node 7 does not exist",
+    );
+}
+
+#[test]
+fn a_node_with_cpus_cannot_be_managed() {
+    fails_with(
+        "cpu-node",
+        "[server]\ndevice = \"/dev/null\"\n[policy]\nfast_nodes = [1]\n[[node]]\nnid = 0\ncapacity_mib = 64\n",
+        "node 0 has CPUs",
+    );
+}
+
+#[test]
+fn a_missing_device_says_which_kernel_to_boot() {
+    fails_with(
+        "missing-device",
+        "[server]\ndevice = \"/nonexistent/mm_upcall\"\n[[node]]\nnid = 1\ncapacity_mib = 64\n",
+        "CONFIG_MM_UPCALL=y",
+    );
+}
+
+#[test]
+fn no_nodes_is_an_error() {
+    fails_with(
+        "no-nodes",
+        "[server]\ndevice = \"/dev/null\"\n",
+        "add at least one managed node",
+    );
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mm-server"))
+        .args(["--check-config", "--config", "/nonexistent/mm-server.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read config file /nonexistent/mm-server.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn serving_without_the_managed_node_kernel_is_refused_honestly() {
+    let f = Fixture::new("serve");
+    let cfg = f.dir.join("mm-server.toml");
+    std::fs::write(&cfg, GOOD).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mm-server"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--sysfs-root")
+        .arg(f.dir.join("sys"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+}

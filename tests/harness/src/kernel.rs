@@ -40,6 +40,7 @@ const TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
 const TREE_NAME: &str = "linux-source-6.12";
 
 /// Paths of the kernel sources kept in the repository.
+#[derive(Clone)]
 pub struct Series {
     pub patches: Vec<PathBuf>,
     pub fragment: PathBuf,
@@ -166,6 +167,50 @@ pub fn ensure() -> Result<Kernel> {
         bzimage: cached,
         tree,
     })
+}
+
+/// Build the series one prefix at a time (patch 1, patches 1-2, ...), to
+/// show that every patch builds on its own.  Ends with the whole series
+/// applied and built, so the tree matches the cached kernel again.
+pub fn series_check() -> Result<Vec<(String, bool)>> {
+    util::ensure_packages(PACKAGES)?;
+    let series = Series::load()?;
+    let version = source_version()?;
+    let kdir = target_dir().join("kernel");
+    let tree = kdir.join(TREE_NAME);
+    fs::create_dir_all(&kdir)?;
+    let log = kdir.join("series.log");
+    let _ = fs::remove_file(&log);
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut results = Vec::new();
+    for k in 1..=series.patches.len() {
+        let prefix = Series {
+            patches: series.patches[..k].to_vec(),
+            ..series.clone()
+        };
+        let name = series.patches[k - 1]
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        eprintln!("xtask: building with patches 1-{k} (up to {name})");
+        let ok = prepare_tree(&kdir, &tree, &prefix, &version, &log)
+            .and_then(|()| configure(&tree, &prefix.fragment, &log))
+            .and_then(|()| {
+                run_logged(
+                    Command::new("make")
+                        .current_dir(&tree)
+                        .arg(format!("-j{jobs}"))
+                        .arg("bzImage"),
+                    &log,
+                )
+            });
+        if let Err(e) = &ok {
+            eprintln!("{e:#}");
+        }
+        results.push((name, ok.is_ok()));
+    }
+    Ok(results)
 }
 
 /// Unpack the tree if needed, reverse the previously applied series and

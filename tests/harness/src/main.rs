@@ -6,6 +6,7 @@
 //! cargo xtask vm <scenario>...   boot the patched kernel once per scenario
 //! cargo xtask kernel             build (or reuse) the patched kernel
 //! cargo xtask checkpatch         scripts/checkpatch.pl --strict on every patch
+//! cargo xtask series             build every prefix of the series (each patch builds on its own)
 //! cargo xtask fuzz [seconds]     run every fuzz target for a while (smoke)
 //! ```
 
@@ -39,6 +40,7 @@ fn main() {
         Some("test") => cmd_test(),
         Some("demo") => cmd_demo(),
         Some("checkpatch") => cmd_checkpatch(),
+        Some("series") => cmd_series(),
         Some("fuzz") => cmd_fuzz(args.get(1).map(String::as_str)),
         Some("bench") => cmd_bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
@@ -178,6 +180,19 @@ fn cmd_demo() -> Result<()> {
         Outcome::Pass => Ok(()),
         Outcome::Fail(why) => bail!("demo failed: {why}"),
     }
+}
+
+fn cmd_series() -> Result<()> {
+    let results = kernel::series_check()?;
+    let failed = results.iter().filter(|(_, ok)| !ok).count();
+    for (name, ok) in &results {
+        println!("{} builds-alone {name}", if *ok { "PASS" } else { "FAIL" });
+    }
+    println!("{} passed, {failed} failed", results.len() - failed);
+    if failed > 0 {
+        bail!("{failed} patch(es) do not build on their own; see target/kernel/series.log");
+    }
+    Ok(())
 }
 
 fn cmd_checkpatch() -> Result<()> {

@@ -127,7 +127,8 @@ impl Event {
                     order: e.order,
                 })
             }
-            ev::OVERFLOW => {
+            // Records that carry only `count`.
+            ev::OVERFLOW | ev::PING => {
                 zero(&[
                     ("reason", e.reason.into()),
                     ("nid", e.nid.into()),
@@ -137,19 +138,11 @@ impl Event {
                     ("pfn", e.pfn),
                     ("vaddr", e.vaddr),
                 ])?;
-                Ok(Event::Overflow { lost: e.count })
-            }
-            ev::PING => {
-                zero(&[
-                    ("reason", e.reason.into()),
-                    ("nid", e.nid.into()),
-                    ("target_nid", e.target_nid.into()),
-                    ("order", e.order.into()),
-                    ("tgid", e.tgid.into()),
-                    ("pfn", e.pfn),
-                    ("vaddr", e.vaddr),
-                ])?;
-                Ok(Event::Ping { cookie: e.count })
+                Ok(if e.r#type == ev::OVERFLOW {
+                    Event::Overflow { lost: e.count }
+                } else {
+                    Event::Ping { cookie: e.count }
+                })
             }
             other => Err(DecodeError::Unknown {
                 what: "event type",

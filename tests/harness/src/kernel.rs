@@ -149,15 +149,7 @@ pub fn ensure() -> Result<Kernel> {
     let _ = fs::remove_file(&log);
     prepare_tree(&kdir, &tree, &series, &version, &log)?;
     configure(&tree, &series.fragment, &log)?;
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    run_logged(
-        Command::new("make")
-            .current_dir(&tree)
-            .arg(format!("-j{jobs}"))
-            .arg("bzImage"),
-        &log,
-    )
-    .context("kernel build failed")?;
+    make_bzimage(&tree, &log).context("kernel build failed")?;
     let dir = cached.parent().expect("cache path has a parent");
     fs::create_dir_all(dir)?;
     fs::copy(tree.join("arch/x86/boot/bzImage"), &cached)?;
@@ -181,7 +173,6 @@ pub fn series_check() -> Result<Vec<(String, bool)>> {
     fs::create_dir_all(&kdir)?;
     let log = kdir.join("series.log");
     let _ = fs::remove_file(&log);
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut results = Vec::new();
     for k in 1..=series.patches.len() {
         let prefix = Series {
@@ -196,15 +187,7 @@ pub fn series_check() -> Result<Vec<(String, bool)>> {
         eprintln!("xtask: building with patches 1-{k} (up to {name})");
         let ok = prepare_tree(&kdir, &tree, &prefix, &version, &log)
             .and_then(|()| configure(&tree, &prefix.fragment, &log))
-            .and_then(|()| {
-                run_logged(
-                    Command::new("make")
-                        .current_dir(&tree)
-                        .arg(format!("-j{jobs}"))
-                        .arg("bzImage"),
-                    &log,
-                )
-            });
+            .and_then(|()| make_bzimage(&tree, &log));
         if let Err(e) = &ok {
             eprintln!("{e:#}");
         }
@@ -286,6 +269,17 @@ fn revert_applied(tree: &Path, applied_dir: &Path, log: &Path) -> bool {
         let _ = fs::remove_file(p);
     }
     true
+}
+
+fn make_bzimage(tree: &Path, log: &Path) -> Result<()> {
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    run_logged(
+        Command::new("make")
+            .current_dir(tree)
+            .arg(format!("-j{jobs}"))
+            .arg("bzImage"),
+        log,
+    )
 }
 
 fn configure(tree: &Path, fragment: &Path, log: &Path) -> Result<()> {

@@ -55,15 +55,24 @@ fn main() {
     }
 }
 
-/// Build the guest-side binaries the scenarios run.
+/// Build the guest-side binaries the scenarios run (debug, with overflow
+/// checks and debug assertions).
 fn build_guest() -> Result<PathBuf> {
-    util::run(
-        Command::new(env!("CARGO"))
-            .current_dir(workspace_root())
-            .args(["build", "--quiet", "-p", "xtask", "--bin", "mm-guest"]),
-    )
-    .context("cannot build mm-guest")?;
-    Ok(target_dir().join("debug/mm-guest"))
+    build_guest_profile(false)
+}
+
+/// Build `mm-guest`; benchmarks use the release build.
+fn build_guest_profile(release: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", "xtask", "--bin", "mm-guest"]);
+    if release {
+        cmd.arg("--release");
+    }
+    util::run(&mut cmd).context("cannot build mm-guest")?;
+    Ok(target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("mm-guest"))
 }
 
 /// The scenarios `mm-guest` knows, in the order `xtask test` runs them.
@@ -131,7 +140,7 @@ fn cmd_bench(names: &[String]) -> Result<()> {
     let kernel = kernel::ensure()?;
     let vm = Vm {
         bzimage: &kernel.bzimage,
-        guest_bin: build_guest()?,
+        guest_bin: build_guest_profile(true)?,
         timeout: SCENARIO_TIMEOUT,
     };
     for name in names {

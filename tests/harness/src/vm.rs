@@ -56,8 +56,21 @@ $B mount -t devtmpfs devtmpfs /dev
 result() { echo "MMUPCALL-RESULT $1" > /dev/ttyS1; $B sync; $B poweroff -f; $B reboot -f; }
 $B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host || result 200
 for d in proc sys dev; do $B mount --bind /$d /host/$d || result 201; done
+# A writable /tmp for the guest, keeping the host's /tmp reachable where
+# the workspace lives (a clone under /tmp must still find its binaries).
+$B mkdir -p /hosttmp
+$B mount --bind /host/tmp /hosttmp || result 202
 $B mount -t tmpfs -o mode=1777 tmpfs /host/tmp || result 202
-$B mount -t tmpfs tmpfs /host/run || result 202
+for p in @WORKSPACE@ @TARGET@; do
+    case "$p" in
+    /tmp/*)
+        rel=${p#/tmp/}
+        top=${rel%%/*}
+        $B mkdir -p "/host/tmp/$top"
+        $B mount --bind "/hosttmp/$top" "/host/tmp/$top" || result 202
+        ;;
+    esac
+done
 $B mount -t debugfs debugfs /host/sys/kernel/debug 2>/dev/null
 $B mount -t cgroup2 cgroup2 /host/sys/fs/cgroup || result 203
 echo "mm-guest: starting @SCENARIO@"

@@ -26,7 +26,9 @@ mod transport;
 
 pub use error::Error;
 pub use mm_upcall_proto as proto;
-pub use transport::{CTRL_TAG, Completion, Config, ControlOutcome, Transport, ping_reply};
+pub use transport::{
+    CTRL_TAG, Completion, Config, ControlOutcome, QueueOpener, Transport, ping_reply,
+};
 
 /// Path of the device node the kernel series creates.
 pub const DEVICE_PATH: &str = "/dev/mm_upcall";

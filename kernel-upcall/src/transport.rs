@@ -31,7 +31,10 @@ pub const CTRL_TAG: u64 = 1 << 32;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: String,
-    /// Slots in the (single) queue this transport serves.
+    /// Queues to negotiate; this transport serves queue 0, and
+    /// [`QueueOpener::open`] the others (one thread each).
+    pub nr_queues: u16,
+    /// Slots per queue.
     pub queue_depth: u16,
     /// Longest time any task waits on us; 0 = kernel default.
     pub timeout_ms: u32,
@@ -45,6 +48,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             path: DEVICE_PATH.to_string(),
+            nr_queues: 1,
             queue_depth: 64,
             timeout_ms: 0,
             features: raw::features::ALL,
@@ -94,6 +98,7 @@ struct CtrlOp {
 /// One queue of the upcall transport.
 pub struct Transport {
     dev: File,
+    q_id: u16,
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     descs: Option<DescMap>,
     hello: HelloReply,
@@ -153,17 +158,10 @@ impl Transport {
                 path: cfg.path.clone(),
                 source,
             })?;
-        let entries = (u32::from(cfg.queue_depth) + 16).next_power_of_two();
-        // One thread drives the ring: let the kernel queue our completions
-        // (the upcalls) as local work that runs when we wait, instead of
-        // interrupting us with task-work signals.
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(entries)
-            .map_err(Error::Ring)?;
+        let ring = new_ring(cfg.queue_depth)?;
         Ok(Transport {
             dev,
+            q_id: 0,
             ring,
             descs: None,
             hello: HelloReply {
@@ -187,7 +185,7 @@ impl Transport {
     pub fn negotiate(&mut self, cfg: &Config) -> Result<(), Error> {
         let out = self.control_sync(
             Control::Hello {
-                nr_queues: 1,
+                nr_queues: cfg.nr_queues,
                 queue_depth: cfg.queue_depth,
                 timeout_ms: cfg.timeout_ms,
                 features: cfg.features,
@@ -201,11 +199,40 @@ impl Transport {
         if missing != 0 {
             return Err(Error::Features { missing });
         }
-        self.descs = Some(DescMap::map(self.dev.as_fd(), 0, self.hello.queue_depth)?);
+        self.arm()
+    }
+
+    fn arm(&mut self) -> Result<(), Error> {
+        self.descs = Some(DescMap::map(
+            self.dev.as_fd(),
+            self.q_id,
+            self.hello.queue_depth,
+        )?);
         for slot in 0..self.hello.queue_depth {
             self.fetch(slot)?;
         }
         self.flush()
+    }
+
+    /// A handle that opens this server's other queues, each on its own
+    /// ring; send it to the thread that will serve the queue.
+    ///
+    /// # Errors
+    ///
+    /// Duplicating the device descriptor failed.
+    pub fn queue_opener(&self) -> Result<QueueOpener, Error> {
+        Ok(QueueOpener {
+            dev: self.dev.try_clone().map_err(|source| Error::Open {
+                path: DEVICE_PATH.to_string(),
+                source,
+            })?,
+            hello: self.hello,
+        })
+    }
+
+    /// The queue this transport serves.
+    pub fn q_id(&self) -> u16 {
+        self.q_id
     }
 
     /// What the kernel granted.
@@ -230,7 +257,13 @@ impl Transport {
     ///
     /// Ring errors.
     pub fn fetch(&mut self, slot: u16) -> Result<(), Error> {
-        self.push_io(IoCommand::Fetch { q_id: 0, slot }, slot)
+        self.push_io(
+            IoCommand::Fetch {
+                q_id: self.q_id,
+                slot,
+            },
+            slot,
+        )
     }
 
     /// Queue the answer to the upcall `seq` on `slot`; it also re-arms the
@@ -242,7 +275,7 @@ impl Transport {
     pub fn commit(&mut self, slot: u16, seq: u32, verdict: Verdict) -> Result<(), Error> {
         self.push_io(
             IoCommand::CommitAndFetch {
-                q_id: 0,
+                q_id: self.q_id,
                 slot,
                 seq,
                 verdict,
@@ -503,6 +536,37 @@ impl Transport {
         Ok(())
     }
 
+    /// As [`Transport::wait`], but return after `timeout` even if nothing
+    /// completed (for servers with periodic work).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Enter`].
+    pub fn wait_timeout(
+        &mut self,
+        out: &mut Vec<Completion>,
+        timeout: std::time::Duration,
+    ) -> Result<(), Error> {
+        if self.ready.is_empty() {
+            let ts = types::Timespec::from(timeout);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(Error::Enter(e)),
+            }
+        } else {
+            self.flush()?;
+        }
+        self.drain();
+        out.extend(self.ready.drain(..));
+        Ok(())
+    }
+
     /// Read the events queued now (non-blocking); empty when none.
     ///
     /// # Errors
@@ -517,6 +581,57 @@ impl Transport {
             Err(e) => return Err(e),
         };
         Ok(event::decode_batch(&buf[..n]).collect())
+    }
+}
+
+/// A ring for one queue.  One thread drives it, so the kernel can queue
+/// our completions (the upcalls) as local work that runs when we wait,
+/// instead of interrupting us with task-work signals.
+fn new_ring(depth: u16) -> Result<IoUring<squeue::Entry128, cqueue::Entry>, Error> {
+    let entries = (u32::from(depth) + 16).next_power_of_two();
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+        .map_err(Error::Ring)
+}
+
+/// Opens the other queues of a negotiated server.  Create the queue's
+/// [`Transport`] in the thread that serves it: its ring accepts
+/// submissions from that thread only.
+#[derive(Debug)]
+pub struct QueueOpener {
+    dev: File,
+    hello: HelloReply,
+}
+
+impl QueueOpener {
+    /// Open queue `q_id` (1..nr_queues): its own ring, descriptor mapping
+    /// and armed slots.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Command`] with `ERANGE` for a queue that was not
+    /// negotiated; ring and mapping errors.
+    pub fn open(&self, q_id: u16) -> Result<Transport, Error> {
+        if q_id == 0 || q_id >= self.hello.nr_queues {
+            return Err(Error::command("open queue", -libc::ERANGE));
+        }
+        let dev = self.dev.try_clone().map_err(|source| Error::Open {
+            path: DEVICE_PATH.to_string(),
+            source,
+        })?;
+        let mut t = Transport {
+            dev,
+            q_id,
+            ring: new_ring(self.hello.queue_depth)?,
+            descs: None,
+            hello: self.hello,
+            ctrl: Slab::new(),
+            ready: VecDeque::new(),
+        };
+        t.arm()?;
+        Ok(t)
     }
 }
 

@@ -176,6 +176,84 @@ pub fn ping() -> Result<()> {
         "PING event cookies are not 1..=N".into()
     })?;
     println!("upcall-ping: {m} events delivered through read(2), none lost");
+    drop(t);
+    two_queues()
+}
+
+/// Serve queue 1 of the server on its own thread until `stop`; returns how
+/// many upcalls it answered.
+fn serve_queue(
+    opener: mm_upcall_kernel::QueueOpener,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<u64> {
+    use std::sync::atomic::Ordering;
+    let mut t = opener.open(1)?;
+    let mut seen = 0;
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        out.clear();
+        t.wait_timeout(&mut out, Duration::from_millis(50))?;
+        for c in out.drain(..) {
+            match c {
+                Completion::Upcall { slot, request } => {
+                    let Upcall::Ping { cookie } = request.upcall else {
+                        bail!("queue 1: unexpected upcall {:?}", request.upcall);
+                    };
+                    seen += 1;
+                    t.commit(slot, request.seq, Verdict::Pong { cookie })?;
+                }
+                other => bail!("queue 1: unexpected completion {other:?}"),
+            }
+        }
+        t.flush()?;
+    }
+    Ok(seen)
+}
+
+/// Two queues, one thread each: PING threads are spread over both CPUs,
+/// and requests go to the queue of the CPU they run on, so both queues must
+/// carry upcalls and every verdict must come back.
+fn two_queues() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut t = open_retry(&Config {
+        nr_queues: 2,
+        queue_depth: 16,
+        ..Config::default()
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let opener = t.queue_opener()?;
+    let worker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || serve_queue(opener, stop))
+    };
+    let n = 20_000;
+    let served = serve_ping(&mut t, n, 4, false);
+    // The PING completed, so every upcall of either queue was answered.
+    stop.store(true, Ordering::Release);
+    let seen1 = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("queue 1 thread panicked"))??;
+    let (r, seen0, _) = served?;
+    println!(
+        "upcall-ping: two queues: {} of {n} answered; queue 0 served {seen0}, queue 1 served {seen1}",
+        r.answered
+    );
+    ensure(
+        r.answered == u64::from(n) && r.mismatched == 0 && r.timed_out == 0,
+        || {
+            format!(
+                "two queues: {} answered, {} mismatched, {} timed out of {n}",
+                r.answered, r.mismatched, r.timed_out
+            )
+        },
+    )?;
+    ensure(seen0 > 0 && seen1 > 0, || {
+        format!("queue 0 served {seen0}, queue 1 {seen1}: requests did not use both queues")
+    })?;
+    ensure(seen0 + seen1 == u64::from(n), || {
+        format!("queues served {seen0} + {seen1}, want {n}")
+    })?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 
 mod bad_input;
 mod bench;
+mod node;
 mod sys;
 mod topology;
 mod upcall;
@@ -23,6 +24,7 @@ pub const SCENARIOS: &[&str] = &[
     "upcall-slow-server",
     "upcall-bad-input",
     "upcall-c-client",
+    "node-mmap",
 ];
 
 fn run(scenario: &str) -> Result<()> {
@@ -33,6 +35,7 @@ fn run(scenario: &str) -> Result<()> {
         "upcall-slow-server" => upcall::slow_server(),
         "upcall-bad-input" => bad_input::run(),
         "upcall-c-client" => upcall::c_client(),
+        "node-mmap" => node::run(),
         // Benchmarks (`xtask bench <name>`), not part of the test list.
         "bench-upcall" => bench::upcall(),
         // Used by `xtask demo`: print what the guest sees, assert nothing.

@@ -169,8 +169,8 @@ fn cmd_demo() -> Result<()> {
         timeout: SCENARIO_TIMEOUT,
     };
     println!("demo: booting the patched kernel (QEMU TCG, two-tier NUMA topology)");
-    let outcome = vm.run("show-topology", "")?;
-    let console = target_dir().join("vm/show-topology/console.log");
+    let outcome = vm.run("demo", "")?;
+    let console = target_dir().join("vm/demo/console.log");
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     for l in text.lines().filter(|l| {
         [
@@ -179,6 +179,7 @@ fn cmd_demo() -> Result<()> {
             "node 1:",
             "memory_tier",
             "kernel: Demotion",
+            "demo: ",
         ]
         .iter()
         .any(|p| l.starts_with(p))

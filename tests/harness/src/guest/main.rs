@@ -40,6 +40,8 @@ fn run(scenario: &str) -> Result<()> {
         "bench-upcall" => bench::upcall(),
         // Used by `xtask demo`: print what the guest sees, assert nothing.
         "show-topology" => topology::show(),
+        // `xtask demo`: the topology, then the transport at work.
+        "demo" => topology::show().and_then(|()| upcall::demo()),
         other => bail!(
             "unknown scenario `{other}` (known: {})",
             SCENARIOS.join(", ")

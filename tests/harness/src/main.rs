@@ -1,7 +1,7 @@
 //! `cargo xtask`: the mm-upcall harness.
 //!
 //! ```text
-//! cargo xtask test               fmt, clippy, unit/property/ABI tests, checkpatch, every VM scenario
+//! cargo xtask test               fmt, clippy, unit/property/ABI tests, checkpatch, series, every VM scenario
 //! cargo xtask demo               the main job, end to end in the VM
 //! cargo xtask vm <scenario>...   boot the patched kernel once per scenario
 //! cargo xtask kernel             build (or reuse) the patched kernel
@@ -324,6 +324,23 @@ fn cmd_test() -> Result<()> {
         }
         Err(e) => {
             println!("FAIL checkpatch: {e:#}");
+            fail += 1;
+        }
+    }
+    println!("==> every patch builds on its own (series prefixes)");
+    match kernel::series_check() {
+        Ok(results) => {
+            for (name, ok) in results {
+                println!("{} builds-alone {name}", if ok { "PASS" } else { "FAIL" });
+                if ok {
+                    pass += 1;
+                } else {
+                    fail += 1;
+                }
+            }
+        }
+        Err(e) => {
+            println!("FAIL series: {e:#}");
             fail += 1;
         }
     }

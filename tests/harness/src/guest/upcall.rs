@@ -21,6 +21,19 @@ use mm_upcall_kernel::{Completion, Config, Error, Transport, ping_reply};
 
 use crate::sys::ensure;
 
+/// Answer a PING upcall with its PONG; anything else is a test failure.
+fn pong(
+    t: &mut Transport,
+    slot: u16,
+    request: &mm_upcall_kernel::proto::upcall::Request,
+) -> Result<()> {
+    let Upcall::Ping { cookie } = request.upcall else {
+        bail!("queue {}: unexpected upcall {:?}", t.q_id(), request.upcall);
+    };
+    t.commit(slot, request.seq, Verdict::Pong { cookie })?;
+    Ok(())
+}
+
 /// Run a PING of `n` upcalls from `threads` kernel threads and answer every
 /// upcall with its PONG; returns the kernel's reply and how many upcalls we
 /// saw.  With `events`, also collect the PING events.
@@ -48,11 +61,8 @@ pub fn serve_ping(
         for c in out.drain(..) {
             match c {
                 Completion::Upcall { slot, request } => {
-                    let Upcall::Ping { cookie } = request.upcall else {
-                        bail!("unexpected upcall {:?}", request.upcall);
-                    };
+                    pong(t, slot, &request)?;
                     seen += 1;
-                    t.commit(slot, request.seq, Verdict::Pong { cookie })?;
                 }
                 Completion::Control { token: tk, outcome } if tk == token => {
                     let reply = ping_reply(outcome)?;
@@ -196,11 +206,8 @@ fn serve_queue(
         for c in out.drain(..) {
             match c {
                 Completion::Upcall { slot, request } => {
-                    let Upcall::Ping { cookie } = request.upcall else {
-                        bail!("queue 1: unexpected upcall {:?}", request.upcall);
-                    };
+                    pong(&mut t, slot, &request)?;
                     seen += 1;
-                    t.commit(slot, request.seq, Verdict::Pong { cookie })?;
                 }
                 other => bail!("queue 1: unexpected completion {other:?}"),
             }

@@ -166,3 +166,12 @@ fn serving_without_the_managed_node_kernel_is_refused_honestly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/mm-server.example.toml");
+    let cfg = mm_server::config::Config::load(std::path::Path::new(path)).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.node[0].nid, 1);
+    assert_eq!(cfg.policy().writable_budget, 0);
+}

@@ -21,6 +21,20 @@ use mm_upcall_kernel::{Completion, Config, Error, Transport, ping_reply};
 
 use crate::sys::ensure;
 
+/// Ask the kernel for a PING run; its result arrives as a control
+/// completion with the returned token.
+fn start_ping(t: &mut Transport, n: u32, threads: u16, events: bool) -> Result<usize> {
+    Ok(t.submit_control(
+        Control::Ping {
+            nr_upcalls: n,
+            nr_threads: threads,
+            events,
+            reply_addr: 0,
+        },
+        size_of::<PingReply>(),
+    )?)
+}
+
 /// Answer a PING upcall with its PONG; anything else is a test failure.
 fn pong(
     t: &mut Transport,
@@ -43,15 +57,7 @@ pub fn serve_ping(
     threads: u16,
     events: bool,
 ) -> Result<(PingReply, u64, Vec<u64>)> {
-    let token = t.submit_control(
-        Control::Ping {
-            nr_upcalls: n,
-            nr_threads: threads,
-            events,
-            reply_addr: 0,
-        },
-        size_of::<PingReply>(),
-    )?;
+    let token = start_ping(t, n, threads, events)?;
     let mut seen = 0u64;
     let mut cookies = Vec::new();
     let mut out = Vec::new();
@@ -274,15 +280,7 @@ pub fn serve(mode: &str) -> Result<()> {
                 timeout_ms: raw::MAX_TIMEOUT_MS,
                 ..Config::default()
             })?;
-            t.submit_control(
-                Control::Ping {
-                    nr_upcalls: raw::ping::MAX_UPCALLS,
-                    nr_threads: 4,
-                    events: false,
-                    reply_addr: 0,
-                },
-                size_of::<PingReply>(),
-            )?;
+            start_ping(&mut t, raw::ping::MAX_UPCALLS, 4, false)?;
             let mut answered = 0u64;
             let mut out = Vec::new();
             loop {
@@ -309,15 +307,7 @@ pub fn serve(mode: &str) -> Result<()> {
                 timeout_ms: raw::MAX_TIMEOUT_MS,
                 ..Config::default()
             })?;
-            t.submit_control(
-                Control::Ping {
-                    nr_upcalls: 1000,
-                    nr_threads: 16,
-                    events: false,
-                    reply_addr: 0,
-                },
-                size_of::<PingReply>(),
-            )?;
+            start_ping(&mut t, 1000, 16, false)?;
             let mut held = 0;
             let mut out = Vec::new();
             while held < depth {
@@ -480,15 +470,7 @@ pub fn slow_server() -> Result<()> {
         ..Config::default()
     })?;
     let n = 24;
-    let token = t.submit_control(
-        Control::Ping {
-            nr_upcalls: n,
-            nr_threads: 4,
-            events: false,
-            reply_addr: 0,
-        },
-        size_of::<PingReply>(),
-    )?;
+    let token = start_ping(&mut t, n, 4, false)?;
     let mut held = 0;
     let mut out = Vec::new();
     let reply = loop {

@@ -25,10 +25,12 @@ pub struct Fault {
 pub enum Upcall {
     /// A write to a folio on a managed node: answer `Promote` or `AllowInPlace`.
     WriteFault(Fault),
-    /// A NUMA hint fault on a managed folio: answer `Promote` or `Stay`.
+    /// A NUMA hint fault on a managed folio: answer `Promote` or `Stay`;
+    /// nobody waits for the answer (a `Promote` is carried out later).
     HintFault {
         fault: Fault,
-        /// Milliseconds since the folio was last scanned.
+        /// Reserved for the time since the folio was last scanned; the
+        /// kernel of API version 1 sends 0.
         since_scan_ms: u64,
     },
     /// Demotion into `nid` ran out of credit; nobody waits for the answer.
@@ -94,7 +96,7 @@ impl Request {
                 Upcall::WriteFault(fault())
             }
             op::HINT_FAULT => {
-                reserved_zero("flags", u64::from(d.flags & desc_flags::NO_WAIT))?;
+                // Nobody waits for a hint fault's verdict: NO_WAIT is set.
                 Upcall::HintFault {
                     fault: fault(),
                     since_scan_ms: d.arg,
@@ -154,6 +156,7 @@ impl Request {
                 since_scan_ms,
             } => {
                 put_fault(&mut d, fault);
+                d.flags |= desc_flags::NO_WAIT;
                 d.arg = *since_scan_ms;
             }
             Upcall::DemoteCredit { nid, wanted_pages } => {

@@ -9,9 +9,11 @@
 //! series never rebuilds.  When the series changes, the previously applied
 //! patches are reversed in place so that `make` only rebuilds what changed.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
@@ -161,6 +163,51 @@ pub fn ensure() -> Result<Kernel> {
     })
 }
 
+/// The same kernel without the series, for `xtask bench fault`: Debian's
+/// source configured with the fragment minus `CONFIG_MM_UPCALL`, built in
+/// `target/kernel-base/` and cached like the patched one.
+pub fn ensure_base() -> Result<PathBuf> {
+    util::ensure_packages(PACKAGES)?;
+    let series = Series::load()?;
+    let version = source_version()?;
+    let fragment: String = fs::read_to_string(&series.fragment)?
+        .lines()
+        .filter(|l| !l.contains("MM_UPCALL"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut h = Sha256::new();
+    h.update(b"mm-upcall base kernel v1\0");
+    h.update(version.as_bytes());
+    h.update(fragment.as_bytes());
+    let key: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let kdir = target_dir().join("kernel-base");
+    let cached = kdir.join("cache").join(&key).join("bzImage");
+    if cached.exists() {
+        eprintln!("xtask: kernel without the series {key} is cached");
+        return Ok(cached);
+    }
+    eprintln!(
+        "xtask: building the kernel without the series {key}; log in target/kernel-base/build.log"
+    );
+    fs::create_dir_all(&kdir)?;
+    let tree = kdir.join(TREE_NAME);
+    if !tree.join("Makefile").exists() {
+        util::run(Command::new("tar").current_dir(&kdir).args(["xf", TARBALL]))?;
+    }
+    let frag = kdir.join("config-fragment");
+    fs::write(&frag, fragment)?;
+    let log = kdir.join("build.log");
+    let _ = fs::remove_file(&log);
+    configure(&tree, &frag, &log)?;
+    make_bzimage(&tree, &log).context("build of the kernel without the series failed")?;
+    fs::create_dir_all(cached.parent().expect("cache path has a parent"))?;
+    fs::copy(tree.join("arch/x86/boot/bzImage"), &cached)?;
+    Ok(cached)
+}
+
 /// Build the series one prefix at a time (patch 1, patches 1-2, ...), to
 /// show that every patch builds on its own.  Ends with the whole series
 /// applied and built, so the tree matches the cached kernel again.
@@ -207,6 +254,21 @@ fn prepare_tree(
 ) -> Result<()> {
     let applied_dir = kdir.join("applied");
     let stamp = kdir.join("source-version");
+    // Files the old or the new series touch, as they are now: those whose
+    // contents come back unchanged get their old mtime back, so that make
+    // only rebuilds what the new series really changes.
+    let mut touched = BTreeSet::new();
+    for p in list_patches(&applied_dir).iter().chain(&series.patches) {
+        touched.extend(patched_files(p));
+    }
+    let before: Vec<(PathBuf, Vec<u8>, SystemTime)> = touched
+        .iter()
+        .filter_map(|f| {
+            let path = tree.join(f);
+            let mtime = fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+            Some((path.clone(), fs::read(&path).ok()?, mtime))
+        })
+        .collect();
     let fresh_needed = !tree.join("Makefile").exists()
         || fs::read_to_string(&stamp)
             .map(|s| s.trim() != version)
@@ -231,6 +293,15 @@ fn prepare_tree(
         .with_context(|| format!("patch {} does not apply", p.display()))?;
         fs::copy(p, applied_dir.join(format!("{i:04}.patch")))?;
     }
+    if !fresh_needed {
+        for (path, contents, mtime) in before {
+            if fs::read(&path).is_ok_and(|now| now == contents)
+                && let Ok(f) = fs::File::options().write(true).open(&path)
+            {
+                let _ = f.set_modified(mtime);
+            }
+        }
+    }
     let in_tree = fs::read(tree.join("include/uapi/linux/mm_upcall.h")).unwrap_or_default();
     if in_tree != fs::read(&series.header)? {
         bail!(
@@ -240,6 +311,25 @@ fn prepare_tree(
         );
     }
     Ok(())
+}
+
+/// The patches recorded in `applied_dir`, in order.
+fn list_patches(applied_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(applied_dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The files a patch changes (its `+++ b/...` lines).
+fn patched_files(patch: &Path) -> Vec<PathBuf> {
+    fs::read_to_string(patch)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("+++ b/"))
+        .map(PathBuf::from)
+        .collect()
 }
 
 /// Reverse the patches recorded in `applied_dir`, newest first.  Returns

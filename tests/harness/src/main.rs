@@ -131,7 +131,7 @@ fn cmd_vm(names: &[String]) -> Result<()> {
 
 /// VM benchmarks: each is a guest program `bench-<name>` that prints its
 /// results as lines starting with `BENCH `.
-const BENCHES: &[&str] = &["upcall"];
+const BENCHES: &[&str] = &["upcall", "fault"];
 
 fn cmd_bench(names: &[String]) -> Result<()> {
     if names.is_empty() {
@@ -147,18 +147,49 @@ fn cmd_bench(names: &[String]) -> Result<()> {
         if !BENCHES.contains(&name.as_str()) {
             bail!("unknown benchmark `{name}` (known: {})", BENCHES.join(", "));
         }
-        let scenario = format!("bench-{name}");
-        let outcome = vm.run(&scenario, "")?;
-        let console = target_dir().join("vm").join(&scenario).join("console.log");
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
-        for l in text.lines().filter_map(|l| l.strip_prefix("BENCH ")) {
-            println!("{l}");
-        }
-        if let Outcome::Fail(why) = outcome {
-            bail!("benchmark {name} failed: {why}");
+        let lines = bench_lines(&vm, &format!("bench-{name}"))?;
+        if name == "fault" {
+            // The unattached overhead: the same fault loop on the same
+            // configuration built without the series.
+            let base_image = kernel::ensure_base()?;
+            let base_vm = Vm {
+                bzimage: &base_image,
+                guest_bin: vm.guest_bin.clone(),
+                timeout: vm.timeout,
+            };
+            let base = bench_lines(&base_vm, "bench-anon")?;
+            let ns = |lines: &[String]| -> Option<f64> {
+                let l = lines.iter().find(|l| l.starts_with("anon:"))?;
+                l[..l.find(" ns/fault")?].rsplit(' ').next()?.parse().ok()
+            };
+            if let (Some(p), Some(b)) = (ns(&lines), ns(&base)) {
+                println!(
+                    "anon fault, nothing attached: patched {p:.0} ns, without the series {b:.0} ns, ratio {:.3}",
+                    p / b
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// Run one benchmark program in a VM; print and return its `BENCH` lines.
+fn bench_lines(vm: &Vm<'_>, scenario: &str) -> Result<Vec<String>> {
+    let outcome = vm.run(scenario, "")?;
+    let console = target_dir().join("vm").join(scenario).join("console.log");
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    let lines: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("BENCH "))
+        .map(str::to_string)
+        .collect();
+    for l in &lines {
+        println!("{l}");
+    }
+    if let Outcome::Fail(why) = outcome {
+        bail!("benchmark {scenario} failed: {why}");
+    }
+    Ok(lines)
 }
 
 fn cmd_demo() -> Result<()> {

@@ -160,3 +160,74 @@ pub fn upcall() -> Result<()> {
     println!("BENCH ({N} round trips per run, median of {ROUNDS} alternating runs, one boot, TCG)");
     Ok(())
 }
+
+/// Nanoseconds per page to write the first word of every page of a region
+/// the server moved to node 1.
+fn managed_write_round(srv: &mut crate::managed::Server, seed: u64) -> Result<f64> {
+    const LEN: usize = 8 << 20;
+    let mut mem = crate::fence::demoted(srv, LEN, seed, false)?;
+    let start = Instant::now();
+    crate::fence::flip(&mut mem, |_| true);
+    let ns = start.elapsed().as_nanos() as f64 / (LEN / crate::sys::PAGE_SIZE) as f64;
+    let (n0, ..) = crate::managed::where_are(&mem)?;
+    if n0 != LEN / crate::sys::PAGE_SIZE {
+        bail!("{n0} pages on node 0 after the writes");
+    }
+    Ok(ns)
+}
+
+/// `bench-fault`: a write fault on a managed page answered by the server
+/// (PROMOTE to node 0) next to the kernel's own default promotion (a server
+/// that did not negotiate WRITE_FAULT), alternating, same boot.
+pub fn fault() -> Result<()> {
+    use crate::managed::Server;
+    let mut upcall = Vec::new();
+    let mut default = Vec::new();
+    for round in 0..ROUNDS {
+        let mut srv = Server::start(0)?;
+        let u = managed_write_round(&mut srv, 0xb0 + round as u64)?;
+        srv.quit()?;
+        let mut srv = Server::start_with(0, "no-write-fault")?;
+        let d = managed_write_round(&mut srv, 0xc0 + round as u64)?;
+        srv.quit()?;
+        println!(
+            "BENCH fault round {round}: upcall verdict {u:.0} ns/fault, kernel default {d:.0} ns/fault, ratio {:.2}",
+            u / d
+        );
+        upcall.push(u);
+        default.push(d);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let mut ratios: Vec<f64> = upcall.iter().zip(&default).map(|(u, d)| u / d).collect();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "BENCH fault: write fault on a managed page: upcall verdict {:.0} ns, kernel default {:.0} ns \
+         (means of {ROUNDS} rounds of 2048 faults); ratio of means {:.2}, median ratio {:.2}",
+        mean(&upcall),
+        mean(&default),
+        mean(&upcall) / mean(&default),
+        ratios[ratios.len() / 2]
+    );
+    anon()
+}
+
+/// `bench-anon`: first-touch anonymous faults with nothing attached: map
+/// 64 MiB, touch every page, unmap; the best of five rounds, in ns/fault.
+pub fn anon() -> Result<()> {
+    const LEN: usize = 64 << 20;
+    let mut best = f64::MAX;
+    for _ in 0..ROUNDS {
+        let mut mem = crate::sys::Anon::new(LEN)?;
+        crate::sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+        let start = Instant::now();
+        for page in mem.as_mut_slice().chunks_mut(crate::sys::PAGE_SIZE) {
+            page[0] = 1;
+        }
+        let ns = start.elapsed().as_nanos() as f64 / (LEN / crate::sys::PAGE_SIZE) as f64;
+        best = best.min(ns);
+    }
+    println!(
+        "BENCH anon: first-touch anonymous fault, nothing attached: {best:.0} ns/fault (best of {ROUNDS})"
+    );
+    Ok(())
+}

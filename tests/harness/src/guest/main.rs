@@ -9,6 +9,8 @@
 
 mod bad_input;
 mod bench;
+mod fence;
+mod managed;
 mod node;
 mod sys;
 mod topology;
@@ -25,6 +27,12 @@ pub const SCENARIOS: &[&str] = &[
     "upcall-bad-input",
     "upcall-c-client",
     "node-mmap",
+    "isolation",
+    "credit",
+    "demote-write-promote",
+    "write-fence",
+    "resync",
+    "fault-no-server",
 ];
 
 fn run(scenario: &str) -> Result<()> {
@@ -36,8 +44,16 @@ fn run(scenario: &str) -> Result<()> {
         "upcall-bad-input" => bad_input::run(),
         "upcall-c-client" => upcall::c_client(),
         "node-mmap" => node::run(),
+        "isolation" => fence::isolation(),
+        "credit" => fence::credit(),
+        "demote-write-promote" => fence::demote_write_promote(),
+        "write-fence" => fence::write_fence(),
+        "resync" => fence::resync(),
+        "fault-no-server" => fence::fault_no_server(),
         // Benchmarks (`xtask bench <name>`), not part of the test list.
         "bench-upcall" => bench::upcall(),
+        "bench-fault" => bench::fault(),
+        "bench-anon" => bench::anon(),
         // Used by `xtask demo`: print what the guest sees, assert nothing.
         "show-topology" => topology::show(),
         // `xtask demo`: the topology, then the transport at work.
@@ -52,9 +68,16 @@ fn run(scenario: &str) -> Result<()> {
 fn main() {
     let scenario = std::env::args().nth(1).unwrap_or_default();
     if scenario == "--serve" {
-        // A server child of upcall-server-death.
+        // A server child of upcall-server-death, or the managed-node test
+        // server.
         let mode = std::env::args().nth(2).unwrap_or_default();
-        if let Err(e) = upcall::serve(&mode) {
+        let rest: Vec<String> = std::env::args().skip(3).collect();
+        let served = if mode == "managed" {
+            managed::serve(&rest)
+        } else {
+            upcall::serve(&mode)
+        };
+        if let Err(e) = served {
             println!("mm-guest: server {mode}: {e:#}");
             std::process::exit(1);
         }

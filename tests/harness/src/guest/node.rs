@@ -2,8 +2,8 @@
 //! and the server's read-only mapping of a managed node's memory (K8): the
 //! contents of pages moved to node 1 read back through the mapping.
 //!
-//! The managed-node mechanism (isolation, write fence) is not in the kernel
-//! yet, so this test moves pages with `move_pages` as any process could.
+//! This process is the server that attached node 1, which is why its
+//! `move_pages` may place pages there (see `isolation` for everyone else).
 #![allow(unsafe_code)]
 
 use std::fs::File;

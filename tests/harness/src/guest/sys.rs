@@ -90,6 +90,10 @@ impl Anon {
     }
 }
 
+// SAFETY: an Anon owns its mapping exclusively; moving it to another thread
+// moves that ownership, like a Vec.
+unsafe impl Send for Anon {}
+
 impl Drop for Anon {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the mapping created in new().
@@ -138,4 +142,153 @@ pub fn check_pattern(buf: &[u8], seed: u64) -> Option<usize> {
 /// Fail unless `cond`.
 pub fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond { Ok(()) } else { bail!("{}", msg()) }
+}
+
+/// `<linux/mempolicy.h>`
+pub const MPOL_PREFERRED: i32 = 1;
+pub const MPOL_BIND: i32 = 2;
+/// `move_pages(2)` flag: move pages mapped only by the target process.
+pub const MPOL_MF_MOVE: i32 = 1 << 1;
+
+/// The errno of the last failed call, negated (`-EINVAL`).
+pub fn neg_errno() -> i32 {
+    -io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// `set_mempolicy(mode, {node})` (`node < 0`: empty mask); 0 or `-errno`.
+pub fn set_mempolicy(mode: i32, node: i32) -> i32 {
+    let mask: libc::c_ulong = if node < 0 { 0 } else { 1 << node };
+    // SAFETY: a one-word nodemask of 64 bits, read by the kernel only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_set_mempolicy,
+            mode,
+            &raw const mask,
+            if node < 0 { 0 } else { 64 },
+        )
+    };
+    if r < 0 { neg_errno() } else { 0 }
+}
+
+/// `mbind(mem, mode, {node}, flags)`; 0 or `-errno`.
+pub fn mbind(mem: &Anon, mode: i32, node: i32, flags: u32) -> i32 {
+    let mask: libc::c_ulong = 1 << node;
+    // SAFETY: the range is our own mapping; the nodemask is one word.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            mem.addr(),
+            mem.as_slice().len(),
+            mode,
+            &raw const mask,
+            64,
+            flags,
+        )
+    };
+    if r < 0 { neg_errno() } else { 0 }
+}
+
+/// `madvise(mem, advice)`.
+pub fn madvise(mem: &Anon, advice: i32) -> Result<()> {
+    // SAFETY: advice on our own mapping.
+    let r = unsafe { libc::madvise(mem.addr() as *mut _, mem.as_slice().len(), advice) };
+    if r < 0 {
+        return Err(io::Error::last_os_error()).context("madvise");
+    }
+    Ok(())
+}
+
+/// `move_pages(pid, pages, node, MPOL_MF_MOVE)` for `n` pages from `addr`:
+/// the syscall's result (0 or `-errno`) and the status of every page.
+pub fn move_pages(pid: i32, addr: usize, n: usize, node: i32) -> (i32, Vec<i32>) {
+    let pages: Vec<usize> = (0..n).map(|i| addr + i * PAGE_SIZE).collect();
+    let nodes = vec![node; n];
+    let mut status = vec![i32::MIN; n];
+    // SAFETY: three arrays of n elements; the kernel reads pages and nodes
+    // and writes status.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            pid,
+            n as libc::c_ulong,
+            pages.as_ptr(),
+            nodes.as_ptr(),
+            status.as_mut_ptr(),
+            MPOL_MF_MOVE,
+        )
+    };
+    (if r < 0 { neg_errno() } else { 0 }, status)
+}
+
+/// A node's meminfo value in kB (`"MemFree"`, `"AnonPages"`, ...).
+pub fn node_meminfo(nid: u32, key: &str) -> Result<u64> {
+    let text = read(&format!("/sys/devices/system/node/node{nid}/meminfo"))?;
+    text.lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace().skip(2);
+            let k = it.next()?.trim_end_matches(':');
+            (k == key).then(|| it.next()?.parse().ok())?
+        })
+        .with_context(|| format!("no {key} in node{nid}/meminfo"))
+}
+
+/// The pfn of every page of `mem` (`/proc/self/pagemap`; root only).
+pub fn pfns(mem: &Anon) -> Result<Vec<u64>> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = std::fs::File::open("/proc/self/pagemap").context("open pagemap")?;
+    let n = mem.as_slice().len() / PAGE_SIZE;
+    f.seek(SeekFrom::Start((mem.addr() / PAGE_SIZE * 8) as u64))?;
+    let mut buf = vec![0u8; n * 8];
+    f.read_exact(&mut buf)?;
+    buf.chunks(8)
+        .map(|c| {
+            let v = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+            if v & (1 << 63) == 0 {
+                bail!("page not present");
+            }
+            Ok(v & ((1 << 55) - 1))
+        })
+        .collect()
+}
+
+/// A memory cgroup this process runs in until dropped.
+pub struct Cgroup {
+    path: String,
+}
+
+impl Cgroup {
+    /// Create `/sys/fs/cgroup/<name>` and move this process into it, with
+    /// reclaim-time demotion enabled.
+    pub fn enter(name: &str) -> Result<Self> {
+        write("/sys/kernel/mm/numa/demotion_enabled", "true")?;
+        let _ = write("/sys/fs/cgroup/cgroup.subtree_control", "+memory");
+        let path = format!("/sys/fs/cgroup/{name}");
+        if let Err(e) = std::fs::create_dir(&path)
+            && e.kind() != io::ErrorKind::AlreadyExists
+        {
+            return Err(e).with_context(|| format!("cannot create cgroup {path}"));
+        }
+        write(
+            &format!("{path}/cgroup.procs"),
+            &std::process::id().to_string(),
+        )?;
+        Ok(Self { path })
+    }
+
+    /// Ask the cgroup to reclaim `bytes`; with no swap, anonymous memory
+    /// can only be demoted.  A partial reclaim (`EAGAIN`) is not an error:
+    /// callers look at where the pages are.
+    pub fn reclaim(&self, bytes: usize) {
+        let _ = write(&format!("{}/memory.reclaim", self.path), &bytes.to_string());
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = write(
+            "/sys/fs/cgroup/cgroup.procs",
+            &std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.path);
+    }
 }

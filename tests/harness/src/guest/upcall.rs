@@ -113,7 +113,7 @@ fn stats() -> Result<std::collections::HashMap<String, u64>> {
         .collect())
 }
 
-fn stat(name: &str) -> Result<u64> {
+pub fn stat(name: &str) -> Result<u64> {
     stats()?
         .get(name)
         .copied()

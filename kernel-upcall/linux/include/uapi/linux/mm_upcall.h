@@ -100,8 +100,9 @@
  *
  * WRITE_FAULT, HINT_FAULT: pfn/order/nid of the folio on the managed node,
  *   tgid/tid/vaddr of the faulting task, cpu_nid the faulting CPU's node.
- *   arg is 0 for WRITE_FAULT; for HINT_FAULT, the milliseconds since the
- *   folio was last scanned.
+ *   arg is 0 for WRITE_FAULT; for HINT_FAULT it is reserved for the time
+ *   since the folio was last scanned and is 0 in this version.  HINT_FAULT
+ *   has flag NO_WAIT: nobody waits for its verdict.
  * DEMOTE_CREDIT: nid of the managed node, arg the number of pages that
  *   demotion wanted and could not place; every other field is 0.
  * PING: arg is a cookie below 2^32; every other field except seq is 0.
@@ -251,9 +252,11 @@ struct mm_upcall_promote_pfn {
 };
 
 /*
- * MM_UPCALL_CMD_RESYNC: report every folio resident on managed node nid
- * in [start_pfn, start_pfn + nr_pages) as a PLACED event with reason
- * RESYNC.  The CQE result is the number of folios reported.
+ * MM_UPCALL_CMD_RESYNC: report every anonymous folio of managed node nid
+ * whose head pfn is in [start_pfn, start_pfn + nr_pages) as a PLACED event
+ * with reason RESYNC.  It stops before the event queue fills up; the CQE
+ * result is how many pfns from start_pfn it covered (-EAGAIN if none):
+ * read the events and issue it again from start_pfn + result.
  */
 struct mm_upcall_resync {
 	__u32	nid;

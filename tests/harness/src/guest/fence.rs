@@ -1,0 +1,808 @@
+//! Scenarios of the managed-node mechanism (kernel invariants K1-K5, K9):
+//! `demote-write-promote`, `isolation`, `write-fence`, `credit`, `resync`
+//! and `fault-no-server`.  The test server is `managed::Server`, another
+//! process; the workload is this one.
+#![allow(unsafe_code)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::managed::{NODE, Server, kpageflags_truth, pages, where_are};
+use crate::sys::{self, Anon, Cgroup, PAGE_SIZE, ensure};
+use crate::upcall::stat;
+
+/// The first word of page `i` as `sys::fill_pattern(_, seed)` wrote it.
+pub fn first_word(i: usize, seed: u64) -> u64 {
+    (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed
+}
+
+/// Invert the first word of each page of `mem` whose index satisfies `pick`.
+pub fn flip(mem: &mut Anon, pick: impl Fn(usize) -> bool) {
+    for (i, page) in mem.as_mut_slice().chunks_mut(PAGE_SIZE).enumerate() {
+        if pick(i) {
+            let w: &mut [u8; 8] = (&mut page[..8]).try_into().expect("8 bytes");
+            *w = (!u64::from_ne_bytes(*w)).to_ne_bytes();
+        }
+    }
+}
+
+/// Check that the pages `pick` selects hold the inverted first word and
+/// the others the pattern; then restore the pattern and check it all.
+fn check_flipped(mem: &mut Anon, seed: u64, pick: impl Fn(usize) -> bool + Copy) -> Result<()> {
+    for (i, page) in mem.as_slice().chunks(PAGE_SIZE).enumerate() {
+        let w = u64::from_ne_bytes(page[..8].try_into().expect("8 bytes"));
+        let want = if pick(i) {
+            !first_word(i, seed)
+        } else {
+            first_word(i, seed)
+        };
+        ensure(w == want, || {
+            format!("page {i}: first word {w:#x}, want {want:#x}")
+        })?;
+    }
+    flip(mem, pick);
+    match sys::check_pattern(mem.as_slice(), seed) {
+        Some(i) => bail!("page {i} lost its contents"),
+        None => Ok(()),
+    }
+}
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+/// A region of `len` bytes with the pattern `seed`, moved to node 1 by the
+/// server; with `huge`, backed by transparent huge pages where possible.
+pub fn demoted(srv: &mut Server, len: usize, seed: u64, huge: bool) -> Result<Anon> {
+    let mut mem = Anon::new(len)?;
+    sys::madvise(
+        &mem,
+        if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        },
+    )?;
+    sys::fill_pattern(mem.as_mut_slice(), seed);
+    // A page can be busy for a moment (a huge page being split, a per-CPU
+    // LRU batch); moving again is a no-op for the pages already there.
+    let mut moved = 0;
+    for _ in 0..3 {
+        moved = srv.move_pages(pid(), mem.addr(), pages(len), NODE)?;
+        if moved == pages(len) {
+            break;
+        }
+    }
+    ensure(moved == pages(len), || {
+        format!("the server moved {moved} of {} pages to node 1", pages(len))
+    })?;
+    Ok(mem)
+}
+
+/// All of `mem` on node 0.
+fn all_on_node0(what: &str, mem: &Anon) -> Result<()> {
+    let (n0, n1, other) = where_are(mem)?;
+    ensure(n0 == pages(mem.as_slice().len()), || {
+        format!("{what}: {n0} pages on node 0, {n1} on node 1, {other} elsewhere")
+    })
+}
+
+// ---------------------------------------------------------------------------
+
+/// Demote, check placement, write every page, check one WRITE_FAULT per page,
+/// promotion to node 0 and the data.
+fn write_after_demotion(srv: &mut Server, how: &str, mut mem: Anon, seed: u64) -> Result<()> {
+    let n = pages(mem.as_slice().len());
+    let (n0, n1, other) = where_are(&mem)?;
+    ensure(n1 == n, || {
+        format!("{how}: {n1} of {n} pages on node 1 ({n0} on node 0, {other} elsewhere)")
+    })?;
+    println!("demote-write-promote: {how}: move_pages reports all {n} pages on node 1");
+    srv.cmd("reset")?;
+    let start = Instant::now();
+    flip(&mut mem, |_| true);
+    let secs = start.elapsed().as_secs_f64();
+    let (total, distinct) = srv.faults(pid())?;
+    println!(
+        "demote-write-promote: {how}: wrote {n} pages in {secs:.1} s; \
+         the server saw {total} WRITE_FAULTs on {distinct} pages"
+    );
+    ensure(total == n as u64 && distinct == n as u64, || {
+        format!("{how}: {total} WRITE_FAULTs on {distinct} pages, want exactly one per page ({n})")
+    })?;
+    all_on_node0(how, &mem)?;
+    check_flipped(&mut mem, seed, |_| true)?;
+    println!("demote-write-promote: {how}: all pages on node 0, every byte right");
+    Ok(())
+}
+
+/// `demote-write-promote`: 256 MiB demoted by reclaim, then 256 MiB moved
+/// by the server; every page written once through a WRITE_FAULT.
+pub fn demote_write_promote() -> Result<()> {
+    const LEN: usize = 256 << 20;
+    let mut srv = Server::start(1 << 30)?;
+
+    let cg = Cgroup::enter("mm-guest-dwp")?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(mem.as_mut_slice(), 0xd1);
+    for _ in 0..10 {
+        cg.reclaim(LEN + LEN / 2);
+        if where_are(&mem)?.1 == pages(LEN) {
+            break;
+        }
+    }
+    drop(cg);
+    let placed = srv.stat("placed")?;
+    println!("demote-write-promote: memory.reclaim: the server saw {placed} pages PLACED");
+    write_after_demotion(&mut srv, "memory.reclaim", mem, 0xd1)?;
+
+    let mem = demoted(&mut srv, LEN, 0xd2, false)?;
+    write_after_demotion(&mut srv, "server move_pages", mem, 0xd2)?;
+    srv.quit()
+}
+
+// ---------------------------------------------------------------------------
+
+/// `isolation`: nothing lands on node 1 without the server.
+pub fn isolation() -> Result<()> {
+    const LEN: usize = 64 << 20;
+    // A preference for node 1 given while it is not managed yet.
+    let mut pre = Anon::new(16 << 20)?;
+    ensure(
+        sys::mbind(&pre, sys::MPOL_PREFERRED, NODE as i32, 0) == 0,
+        || "mbind(MPOL_PREFERRED, node 1) before attach failed".into(),
+    )?;
+
+    let mut srv = Server::start(0)?;
+    let free_before = sys::node_meminfo(NODE, "MemFree")?;
+
+    sys::fill_pattern(pre.as_mut_slice(), 0x150);
+    let (n0, n1, _) = where_are(&pre)?;
+    println!(
+        "isolation: MPOL_PREFERRED node 1 set before attach: {n0} pages on node 0, {n1} on node 1"
+    );
+    ensure(n1 == 0, || {
+        format!("{n1} pages of a node-1 policy landed on node 1")
+    })?;
+
+    let expect = |what: &str, got: i32, want: i32| -> Result<()> {
+        ensure(got == want, || format!("{what}: got {got}, want {want}"))?;
+        println!("isolation: {what}: {got} as expected");
+        Ok(())
+    };
+    expect(
+        "set_mempolicy(MPOL_BIND, node 1)",
+        sys::set_mempolicy(sys::MPOL_BIND, NODE as i32),
+        -libc::EINVAL,
+    )?;
+    expect(
+        "set_mempolicy(MPOL_PREFERRED, node 1)",
+        sys::set_mempolicy(sys::MPOL_PREFERRED, NODE as i32),
+        -libc::EINVAL,
+    )?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    expect(
+        "mbind(MPOL_BIND, node 1, MPOL_MF_MOVE)",
+        sys::mbind(&mem, sys::MPOL_BIND, NODE as i32, sys::MPOL_MF_MOVE as u32),
+        -libc::EINVAL,
+    )?;
+    sys::fill_pattern(mem.as_mut_slice(), 0x151);
+    let (r, _) = sys::move_pages(0, mem.addr(), pages(LEN), NODE as i32);
+    expect(
+        "move_pages to node 1 by a process that is not the server",
+        r,
+        -libc::EACCES,
+    )?;
+
+    // Memory pressure on node 0 with no credit: reclaim may not demote.
+    let cg = Cgroup::enter("mm-guest-isolation")?;
+    for _ in 0..3 {
+        cg.reclaim(2 * LEN);
+    }
+    drop(cg);
+    let (n0, n1, other) = where_are(&mem)?;
+    println!(
+        "isolation: after memory.reclaim with no credit: {n0} on node 0, {n1} on node 1, {other} elsewhere"
+    );
+    ensure(n1 == 0 && n0 == pages(LEN), || {
+        format!("{n1} pages went to node 1 without credit ({n0} on node 0)")
+    })?;
+    if let Some(i) = sys::check_pattern(mem.as_slice(), 0x151) {
+        bail!("page {i} lost its contents");
+    }
+    let creq = srv.stat("creq")?;
+    let placed = srv.stat("placed")?;
+    println!("isolation: the server got {creq} DEMOTE_CREDIT request(s), {placed} pages PLACED");
+    ensure(creq >= 1 && placed == 0, || {
+        format!("want >= 1 credit request and nothing placed; got {creq} and {placed}")
+    })?;
+    let free_after = sys::node_meminfo(NODE, "MemFree")?;
+    println!("isolation: node 1 MemFree {free_before} kB before, {free_after} kB after");
+    // Per-CPU page lists may hold a few pages back: allow 1 MiB.
+    ensure(free_after + 1024 >= free_before, || {
+        format!("node 1 lost {} kB of free memory", free_before - free_after)
+    })?;
+    srv.quit()
+}
+
+// ---------------------------------------------------------------------------
+
+/// `credit`: at most N pages before a DEMOTE_CREDIT request; none after
+/// DENY; SET_CREDIT and GRANT let more through, within what they gave.
+pub fn credit() -> Result<()> {
+    const LEN: usize = 64 << 20;
+    const N: u64 = 1024;
+    let mut srv = Server::start(N)?;
+    let cg = Cgroup::enter("mm-guest-credit")?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(mem.as_mut_slice(), 0xc4);
+    let on1 = |mem: &Anon| -> Result<u64> { Ok(where_are(mem)?.1 as u64) };
+
+    cg.reclaim(2 * LEN);
+    let n1 = on1(&mem)?;
+    let creq = srv.stat("creq")?;
+    let first: String = srv.stats()?.remove("placed_first").unwrap_or_default();
+    println!(
+        "credit: credit {N}: {n1} pages on node 1; {creq} DEMOTE_CREDIT request(s), \
+         the first after {first} pages placed"
+    );
+    ensure(n1 > 0 && n1 <= N, || {
+        format!("{n1} pages placed with credit {N}")
+    })?;
+    ensure(creq == 1, || format!("{creq} credit requests, want 1"))?;
+    ensure(first.parse::<u64>().is_ok_and(|p| p <= N), || {
+        format!("the first request came after {first} pages, more than the credit {N}")
+    })?;
+
+    // The server said DENY: nothing more, and no more requests.
+    cg.reclaim(2 * LEN);
+    cg.reclaim(2 * LEN);
+    let n1b = on1(&mem)?;
+    let creq_b = srv.stat("creq")?;
+    println!("credit: after DENY: {n1b} pages on node 1, {creq_b} request(s)");
+    ensure(n1b == n1 && creq_b == creq, || {
+        format!("after DENY: {n1b} pages (was {n1}), {creq_b} requests (was {creq})")
+    })?;
+
+    // SET_CREDIT lets 2048 more through.
+    ensure(srv.result("credit set 2048")? == 0, || {
+        "SET_CREDIT failed".into()
+    })?;
+    cg.reclaim(2 * LEN);
+    let n1c = on1(&mem)?;
+    println!("credit: after SET_CREDIT 2048: {n1c} pages on node 1");
+    ensure(n1c > n1b && n1c <= n1b + 2048, || {
+        format!("after SET_CREDIT 2048: {n1c} pages (was {n1b})")
+    })?;
+
+    // That round ran out of credit again and was denied.  Now a server
+    // that grants: SET_CREDIT 0 lifts the DENY, and the next request is
+    // answered with 4096 pages.
+    let creq_c = srv.stat("creq")?;
+    srv.cmd("credit mode grant:4096")?;
+    ensure(srv.result("credit set 0")? == 0, || {
+        "SET_CREDIT failed".into()
+    })?;
+    for _ in 0..4 {
+        cg.reclaim(2 * LEN);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let n1d = on1(&mem)?;
+    let creq_d = srv.stat("creq")?;
+    let grants = creq_d - creq_c;
+    println!("credit: granting 4096 per request: {n1d} pages on node 1 after {grants} grant(s)");
+    ensure(grants >= 1 && n1d > n1c, || {
+        format!("GRANT did not let more through: {n1d} pages (was {n1c}), {grants} grants")
+    })?;
+    ensure(n1d <= n1c + 4096 * grants, || {
+        format!("{n1d} pages placed, more than the {grants} grants allow")
+    })?;
+    drop(cg);
+    if let Some(i) = sys::check_pattern(mem.as_slice(), 0xc4) {
+        bail!("page {i} lost its contents");
+    }
+    drop(mem);
+    srv.quit()
+}
+
+// ---------------------------------------------------------------------------
+
+/// `resync`: a new server's RESYNC reports exactly what is on node 1.
+pub fn resync() -> Result<()> {
+    let mut a = Server::start(1 << 20)?;
+    let cg = Cgroup::enter("mm-guest-resync")?;
+    let mut by_reclaim = Anon::new(32 << 20)?;
+    sys::madvise(&by_reclaim, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(by_reclaim.as_mut_slice(), 0x5e1);
+    cg.reclaim(48 << 20);
+    drop(cg);
+    let by_server = demoted(&mut a, 16 << 20, 0x5e2, false)?;
+    let (start, span) = (a.start_pfn, a.spanned);
+
+    let stats = a.stats()?;
+    let books_a: (u64, u64) = (stats["books"].parse()?, stats["hash"].parse()?);
+    let truth_a = kpageflags_truth(start, span)?;
+    println!(
+        "resync: server A's books: {} pages; /proc/kpageflags: {} anonymous pages on node 1",
+        books_a.0, truth_a.0
+    );
+    ensure(books_a == truth_a, || {
+        format!("server A's books {books_a:?} differ from the kernel's {truth_a:?}")
+    })?;
+    ensure(books_a.0 > pages(16 << 20) as u64, || {
+        format!("only {} pages on node 1", books_a.0)
+    })?;
+
+    println!("resync: SIGKILL server A (pid {})", a.pid);
+    a.kill()?;
+    let mut b = Server::start(0)?;
+    let books_b = b.resync()?;
+    let truth_b = kpageflags_truth(start, span)?;
+    let anon_kb = sys::node_meminfo(NODE, "AnonPages")?;
+    println!(
+        "resync: server B after RESYNC: {} pages; kpageflags {}; node 1 AnonPages {} kB ({} pages)",
+        books_b.0,
+        truth_b.0,
+        anon_kb,
+        anon_kb / 4
+    );
+    ensure(books_b == truth_b && books_b == books_a, || {
+        format!("RESYNC gave {books_b:?}; kernel {truth_b:?}; server A had {books_a:?}")
+    })?;
+
+    // Error cases of the commands, then one eviction.
+    let expect = |what: &str, got: i32, want: i32| -> Result<()> {
+        ensure(got == want, || format!("{what}: got {got}, want {want}"))?;
+        println!("resync: {what}: {got} as expected");
+        Ok(())
+    };
+    expect(
+        "RESYNC of 0 pages",
+        b.result(&format!("raw-resync {start} 0"))?,
+        -libc::EINVAL,
+    )?;
+    let pfn = sys::pfns(&by_server)?[0];
+    expect(
+        "PROMOTE_PFN to the managed node",
+        b.result(&format!("raw-promote {pfn} {NODE}"))?,
+        -libc::EINVAL,
+    )?;
+    let pfn0 = sys::pfns(&by_reclaim)?
+        .into_iter()
+        .zip(by_reclaim.page_nodes()?)
+        .find(|&(_, n)| n == 0)
+        .map(|(p, _)| p);
+    if let Some(pfn0) = pfn0 {
+        expect(
+            "PROMOTE_PFN of a node-0 page",
+            b.result(&format!("raw-promote {pfn0} 0"))?,
+            -libc::ENOENT,
+        )?;
+    }
+    expect(
+        "PROMOTE_PFN of a node-1 page to node 0",
+        b.result(&format!("promote {pfn} 0"))?,
+        0,
+    )?;
+    ensure(by_server.page_nodes()?[0] == 0, || {
+        "the promoted page is not on node 0".into()
+    })?;
+    let books = b.stat("books")?;
+    let truth = kpageflags_truth(start, span)?.0;
+    ensure(books == truth && books == books_b.0 - 1, || {
+        format!(
+            "after PROMOTE_PFN: books {books}, kernel {truth}, before {}",
+            books_b.0
+        )
+    })?;
+    println!("resync: after PROMOTE_PFN the books ({books} pages) still match the kernel");
+    if let Some(i) = sys::check_pattern(by_server.as_slice(), 0x5e2) {
+        bail!("page {i} lost its contents");
+    }
+    if let Some(i) = sys::check_pattern(by_reclaim.as_slice(), 0x5e1) {
+        bail!("page {i} lost its contents");
+    }
+    drop((by_server, by_reclaim));
+    b.quit()
+}
+
+// ---------------------------------------------------------------------------
+
+/// `fault-no-server`: managed pages are written with no server attached:
+/// the kernel promotes them itself, nobody hangs.
+pub fn fault_no_server() -> Result<()> {
+    const LEN: usize = 16 << 20;
+    let mut srv = Server::start(0)?;
+
+    // The server's own tasks never wait on an upcall: its write faults on
+    // node 1 take the default at once.
+    let no_server = stat("no_server")?;
+    let timeouts = stat("timeouts")?;
+    let w = srv.cmd("self-write")?;
+    let no_server = stat("no_server")? - no_server;
+    let timeouts = stat("timeouts")? - timeouts;
+    println!(
+        "fault-no-server: the server wrote {} of its own pages on node 1: {} now on node 0, \
+         data right: {}; {no_server} requests without a server, {timeouts} timeouts",
+        w[0], w[1], w[2]
+    );
+    ensure(
+        w == ["16", "16", "true"] && no_server >= 16 && timeouts == 0,
+        || "the server's own write faults did not take the default at once".into(),
+    )?;
+
+    let mem = demoted(&mut srv, LEN, 0xfa, false)?;
+    srv.kill()?;
+    let faults_before = stat("write_faults")?;
+    let promoted_before = stat("promoted")?;
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let mut mem = mem;
+        flip(&mut mem, |_| true);
+        let _ = tx.send(mem);
+    });
+    let Ok(mut mem) = rx.recv_timeout(Duration::from_secs(120)) else {
+        bail!("writes to managed pages with no server did not finish in 120 s");
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let faults = stat("write_faults")? - faults_before;
+    let promoted = stat("promoted")? - promoted_before;
+    println!(
+        "fault-no-server: {} pages written in {secs:.1} s with no server: \
+         {faults} write faults, {promoted} default promotions",
+        pages(LEN)
+    );
+    ensure(
+        faults == pages(LEN) as u64 && promoted == pages(LEN) as u64,
+        || format!("want {} write faults and promotions", pages(LEN)),
+    )?;
+    all_on_node0("after the writes", &mem)?;
+    check_flipped(&mut mem, 0xfa, |_| true)?;
+    // The node stayed managed: a new server adopts it and detaches it.
+    Server::start(0)?.quit()
+}
+
+// ---------------------------------------------------------------------------
+
+/// Write faults of this process counted by the server since `reset`.
+fn my_faults(srv: &mut Server) -> Result<u64> {
+    Ok(srv.faults(pid())?.0)
+}
+
+fn fence_case(
+    srv: &mut Server,
+    name: &str,
+    seed: u64,
+    write: impl FnOnce(&mut Anon) -> Result<()>,
+) -> Result<()> {
+    const LEN: usize = 4 << 20;
+    let mut mem = demoted(srv, LEN, seed, false)?;
+    srv.cmd("reset")?;
+    write(&mut mem)?;
+    let faults = my_faults(srv)?;
+    println!(
+        "write-fence: {name}: {faults} WRITE_FAULTs for {} pages",
+        pages(LEN)
+    );
+    ensure(faults == pages(LEN) as u64, || {
+        format!("{name}: {faults} WRITE_FAULTs, want {}", pages(LEN))
+    })?;
+    all_on_node0(name, &mem)?;
+    check_flipped(&mut mem, seed, |_| true)
+}
+
+fn mprotect(mem: &Anon, prot: i32) -> Result<()> {
+    // SAFETY: changing the protection of our own mapping.
+    if unsafe { libc::mprotect(mem.addr() as *mut _, mem.as_slice().len(), prot) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("mprotect");
+    }
+    Ok(())
+}
+
+/// `write-fence`: every way of writing to a demoted page asks first.
+pub fn write_fence() -> Result<()> {
+    let mut srv = Server::start(0)?;
+
+    fence_case(&mut srv, "plain store", 0xf1, |mem| {
+        flip(mem, |_| true);
+        Ok(())
+    })?;
+
+    fence_case(&mut srv, "mprotect RO->RW then store", 0xf2, |mem| {
+        mprotect(mem, libc::PROT_READ)?;
+        mprotect(mem, libc::PROT_READ | libc::PROT_WRITE)?;
+        flip(mem, |_| true);
+        Ok(())
+    })?;
+
+    fence_case(&mut srv, "process_vm_writev", 0xf3, |mem| {
+        let mut data = mem.as_slice().to_vec();
+        for (i, page) in data.chunks_mut(PAGE_SIZE).enumerate() {
+            page[..8].copy_from_slice(&(!first_word(i, 0xf3)).to_ne_bytes());
+        }
+        let local = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: mem.addr() as *mut _,
+            iov_len: data.len(),
+        };
+        // SAFETY: one local and one remote iovec of the same length; the
+        // remote one is our own mapping.
+        let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+        ensure(n == data.len() as isize, || {
+            format!(
+                "process_vm_writev wrote {n}: {}",
+                std::io::Error::last_os_error()
+            )
+        })
+    })?;
+
+    numa_case(&mut srv)?;
+    direct_read(&mut srv)?;
+    fork_case(&mut srv)?;
+    thp_case(&mut srv)?;
+    ptrace_case(&mut srv)?;
+    srv.quit()
+}
+
+/// NUMA balancing in tiering mode (2) scans the demoted pages; the hint
+/// faults go to the server, which says STAY; then a store still asks.
+fn numa_case(srv: &mut Server) -> Result<()> {
+    const LEN: usize = 4 << 20;
+    const KNOBS: &str = "/sys/kernel/debug/sched/numa_balancing";
+    let mut mem = demoted(srv, LEN, 0xf8, false)?;
+    srv.cmd("reset")?;
+    let old = sys::read("/proc/sys/kernel/numa_balancing")?;
+    sys::write("/proc/sys/kernel/numa_balancing", "2")?;
+    // Scan soon and often where the kernel lets us say so.
+    let _ = sys::write(&format!("{KNOBS}/scan_delay_ms"), "0");
+    let _ = sys::write(&format!("{KNOBS}/scan_period_min_ms"), "100");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sum = 0u64;
+    let hints = loop {
+        for _ in 0..20 {
+            for page in mem.as_slice().chunks(PAGE_SIZE) {
+                sum = sum.wrapping_add(u64::from(std::hint::black_box(page[8])));
+            }
+        }
+        let hints = srv.stat("hint")?;
+        if hints >= 2 || Instant::now() > deadline {
+            break hints;
+        }
+    };
+    sys::write("/proc/sys/kernel/numa_balancing", &old)?;
+    let (n0, n1, _) = where_are(&mem)?;
+    println!(
+        "write-fence: NUMA balancing mode 2: {hints} HINT_FAULT upcalls answered STAY; {n1} pages still on node 1, {n0} on node 0 (read sum {sum:#x})"
+    );
+    ensure(hints >= 1, || {
+        "no HINT_FAULT upcall in 60 s of NUMA balancing".into()
+    })?;
+    ensure(n1 == pages(LEN), || {
+        format!("{n0} pages left node 1 although the server said STAY")
+    })?;
+    flip(&mut mem, |_| true);
+    let faults = my_faults(srv)?;
+    println!(
+        "write-fence: store after hint faults: {faults} WRITE_FAULTs for {} pages",
+        pages(LEN)
+    );
+    ensure(faults == pages(LEN) as u64, || {
+        format!(
+            "store after hint faults: {faults} WRITE_FAULTs, want {}",
+            pages(LEN)
+        )
+    })?;
+    all_on_node0("store after hint faults", &mem)?;
+    check_flipped(&mut mem, 0xf8, |_| true)
+}
+
+/// `O_DIRECT` read of a file into demoted pages.
+fn direct_read(srv: &mut Server) -> Result<()> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    const LEN: usize = 1 << 20;
+    let path = std::env::current_exe()?;
+    let mut want = vec![0u8; LEN];
+    std::fs::File::open(&path)?.read_exact(&mut want)?;
+    let mut mem = demoted(srv, LEN, 0xf4, false)?;
+    srv.cmd("reset")?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .with_context(|| format!("open {} with O_DIRECT", path.display()))?;
+    let mut got = 0;
+    while got < LEN {
+        let buf = &mut mem.as_mut_slice()[got..];
+        // SAFETY: reading into our own mapping, within its length.
+        let n = unsafe {
+            libc::pread(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                got as libc::off_t,
+            )
+        };
+        if n <= 0 {
+            return Err(std::io::Error::last_os_error()).context("O_DIRECT pread");
+        }
+        got += n as usize;
+    }
+    let faults = my_faults(srv)?;
+    println!(
+        "write-fence: O_DIRECT read: {faults} WRITE_FAULTs for {} pages",
+        pages(LEN)
+    );
+    ensure(faults == pages(LEN) as u64, || {
+        format!("O_DIRECT read: {faults} WRITE_FAULTs, want {}", pages(LEN))
+    })?;
+    ensure(mem.as_slice() == want.as_slice(), || {
+        "O_DIRECT read: data differs from the file".into()
+    })?;
+    all_on_node0("O_DIRECT read", &mem)
+}
+
+/// fork, then the child writes odd pages and the parent even ones; each
+/// write to a page still on node 1 asks the server.
+fn fork_case(srv: &mut Server) -> Result<()> {
+    const LEN: usize = 2 << 20;
+    let mut mem = demoted(srv, LEN, 0xf5, false)?;
+    srv.cmd("reset")?;
+    let odd = |i: usize| !i.is_multiple_of(2);
+    let even = |i: usize| i.is_multiple_of(2);
+    // SAFETY: the child only touches memory and calls async-signal-safe
+    // functions before _exit.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    if child == 0 {
+        flip(&mut mem, odd);
+        let ok = check_flipped(&mut mem, 0xf5, odd).is_ok();
+        // SAFETY: leaving the child without running the parent's destructors.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(child, &raw mut status, 0) };
+    ensure(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        || format!("the child found wrong data (status {status:#x})"),
+    )?;
+    let (child_faults, _) = srv.faults(child as u32)?;
+    flip(&mut mem, even);
+    let parent_faults = my_faults(srv)?;
+    let half = (pages(LEN) / 2) as u64;
+    println!(
+        "write-fence: fork: child {child_faults} WRITE_FAULTs for {half} pages, \
+         parent {parent_faults} for {half} pages"
+    );
+    ensure(child_faults == half && parent_faults == half, || {
+        format!("fork: child {child_faults}, parent {parent_faults}, want {half} each")
+    })?;
+    check_flipped(&mut mem, 0xf5, even)?;
+    all_on_node0("fork", &mem)
+}
+
+/// A THP-backed region: PMD-mapped folios are fenced and promoted whole.
+fn thp_case(srv: &mut Server) -> Result<()> {
+    const LEN: usize = 8 << 20;
+    let mut mem = demoted(srv, LEN, 0xf6, true)?;
+    let thp_kb = rollup("AnonHugePages")?;
+    srv.cmd("reset")?;
+    flip(&mut mem, |_| true);
+    let faults = my_faults(srv)?;
+    let thp = srv.stat("thp")?;
+    println!(
+        "write-fence: THP region ({thp_kb} kB AnonHugePages after the move): \
+         {faults} WRITE_FAULTs ({thp} on PMD-mapped folios) for {} pages",
+        pages(LEN)
+    );
+    ensure(faults >= 1 && faults <= pages(LEN) as u64, || {
+        format!("THP region: {faults} WRITE_FAULTs")
+    })?;
+    ensure(thp_kb == 0 || thp >= 1, || {
+        "huge pages on node 1 but no WRITE_FAULT for a PMD-mapped folio".into()
+    })?;
+    all_on_node0("THP region", &mem)?;
+    check_flipped(&mut mem, 0xf6, |_| true)
+}
+
+fn rollup(key: &str) -> Result<u64> {
+    let text = sys::read("/proc/self/smaps_rollup")?;
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .with_context(|| format!("no {key} in smaps_rollup"))
+}
+
+/// `ptrace(PTRACE_POKEDATA)` into a traced child's demoted pages.  The
+/// kernel's access to another process's memory may not drop the mmap lock,
+/// so the fault takes the default verdict synchronously, without an upcall.
+fn ptrace_case(srv: &mut Server) -> Result<()> {
+    const N: usize = 16;
+    let mut to_parent = [0i32; 2];
+    let mut to_child = [0i32; 2];
+    // SAFETY: creating two pipes.
+    unsafe {
+        libc::pipe(to_parent.as_mut_ptr());
+        libc::pipe(to_child.as_mut_ptr());
+    }
+    // SAFETY: the child only maps, writes memory and uses raw syscalls.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    if child == 0 {
+        let ok = (|| -> Result<()> {
+            let mut mem = Anon::new(N * PAGE_SIZE)?;
+            sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+            sys::fill_pattern(mem.as_mut_slice(), 0xf7);
+            let addr = mem.addr().to_ne_bytes();
+            // SAFETY: writing 8 bytes to our pipe; reading 1 byte from the other.
+            unsafe {
+                libc::write(to_parent[1], addr.as_ptr().cast(), 8);
+                let mut b = 0u8;
+                libc::read(to_child[0], (&raw mut b).cast(), 1);
+            }
+            check_flipped(&mut mem, 0xf7, |_| true)?;
+            let (n0, ..) = where_are(&mem)?;
+            ensure(n0 == N, || format!("{n0} of {N} pages on node 0"))
+        })()
+        .is_ok();
+        // SAFETY: leaving the child.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut addr = [0u8; 8];
+    // SAFETY: reading 8 bytes from our pipe.
+    unsafe { libc::read(to_parent[0], addr.as_mut_ptr().cast(), 8) };
+    let addr = usize::from_ne_bytes(addr);
+    let moved = srv.move_pages(child as u32, addr, N, NODE)?;
+    ensure(moved == N, || format!("moved {moved} of {N} child pages"))?;
+    srv.cmd("reset")?;
+    let faults_before = stat("write_faults")?;
+    // SAFETY: tracing our own child; POKEDATA writes one word per page of
+    // the region the child told us about.
+    unsafe {
+        if libc::ptrace(libc::PTRACE_ATTACH, child, 0, 0) < 0 {
+            return Err(std::io::Error::last_os_error()).context("PTRACE_ATTACH");
+        }
+        let mut st = 0;
+        libc::waitpid(child, &raw mut st, 0);
+        for i in 0..N {
+            let v = !first_word(i, 0xf7);
+            if libc::ptrace(libc::PTRACE_POKEDATA, child, addr + i * PAGE_SIZE, v) < 0 {
+                return Err(std::io::Error::last_os_error()).context("PTRACE_POKEDATA");
+            }
+        }
+        libc::ptrace(libc::PTRACE_DETACH, child, 0, 0);
+        libc::write(to_child[1], b"g".as_ptr().cast(), 1);
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(child, &raw mut status, 0) };
+    let kernel_faults = stat("write_faults")? - faults_before;
+    let (upcalls, _) = srv.faults(child as u32)?;
+    println!(
+        "write-fence: PTRACE_POKEDATA: {kernel_faults} fenced write faults for {N} pages \
+         ({upcalls} upcalls: no retry allowed, default promotion)"
+    );
+    ensure(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        || format!("the traced child found wrong data or pages off node 0 (status {status:#x})"),
+    )?;
+    ensure(kernel_faults >= N as u64, || {
+        format!("{kernel_faults} fenced write faults for {N} poked pages")
+    })
+}

@@ -371,18 +371,14 @@ pub fn resync() -> Result<()> {
         b.result(&format!("raw-promote {pfn} {NODE}"))?,
         -libc::EINVAL,
     )?;
-    let pfn0 = sys::pfns(&by_reclaim)?
-        .into_iter()
-        .zip(by_reclaim.page_nodes()?)
-        .find(|&(_, n)| n == 0)
-        .map(|(p, _)| p);
-    if let Some(pfn0) = pfn0 {
-        expect(
-            "PROMOTE_PFN of a node-0 page",
-            b.result(&format!("raw-promote {pfn0} 0"))?,
-            -libc::ENOENT,
-        )?;
-    }
+    let mut on_node0 = Anon::new(PAGE_SIZE)?;
+    on_node0.as_mut_slice()[0] = 1;
+    let pfn0 = sys::pfns(&on_node0)?[0];
+    expect(
+        "PROMOTE_PFN of a node-0 page",
+        b.result(&format!("raw-promote {pfn0} 0"))?,
+        -libc::ENOENT,
+    )?;
     expect(
         "PROMOTE_PFN of a node-1 page to node 0",
         b.result(&format!("promote {pfn} 0"))?,

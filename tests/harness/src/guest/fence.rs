@@ -182,6 +182,8 @@ pub fn isolation() -> Result<()> {
         sys::set_mempolicy(sys::MPOL_PREFERRED, NODE as i32),
         -libc::EINVAL,
     )?;
+    // The workload is charged to a memory cgroup, to put it under pressure.
+    let cg = Cgroup::enter("mm-guest-isolation")?;
     let mut mem = Anon::new(LEN)?;
     sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
     expect(
@@ -198,7 +200,6 @@ pub fn isolation() -> Result<()> {
     )?;
 
     // Memory pressure on node 0 with no credit: reclaim may not demote.
-    let cg = Cgroup::enter("mm-guest-isolation")?;
     for _ in 0..3 {
         cg.reclaim(2 * LEN);
     }
@@ -215,7 +216,11 @@ pub fn isolation() -> Result<()> {
     }
     let creq = srv.stat("creq")?;
     let placed = srv.stat("placed")?;
-    println!("isolation: the server got {creq} DEMOTE_CREDIT request(s), {placed} pages PLACED");
+    println!(
+        "isolation: the server got {creq} DEMOTE_CREDIT request(s), {placed} pages PLACED; \
+         the kernel counted {} demotions without credit",
+        stat("demotions_without_credit")?
+    );
     ensure(creq >= 1 && placed == 0, || {
         format!("want >= 1 credit request and nothing placed; got {creq} and {placed}")
     })?;

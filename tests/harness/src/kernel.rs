@@ -208,9 +208,12 @@ pub fn ensure_base() -> Result<PathBuf> {
     Ok(cached)
 }
 
-/// Build the series one prefix at a time (patch 1, patches 1-2, ...), to
-/// show that every patch builds on its own.  Ends with the whole series
-/// applied and built, so the tree matches the cached kernel again.
+/// Build the series one prefix at a time, to show that every patch builds
+/// on its own.  It goes from the whole series down to patch 1, so that
+/// `make` only rebuilds what each step takes away (one header change in
+/// task_struct means one near-full rebuild, not two).  Ends with the whole
+/// series applied again but not rebuilt: the cached bzImage stays valid,
+/// and the next change of the series rebuilds from there.
 pub fn series_check() -> Result<Vec<(String, bool)>> {
     util::ensure_packages(PACKAGES)?;
     let series = Series::load()?;
@@ -221,7 +224,7 @@ pub fn series_check() -> Result<Vec<(String, bool)>> {
     let log = kdir.join("series.log");
     let _ = fs::remove_file(&log);
     let mut results = Vec::new();
-    for k in 1..=series.patches.len() {
+    for k in (1..=series.patches.len()).rev() {
         let prefix = Series {
             patches: series.patches[..k].to_vec(),
             ..series.clone()
@@ -240,6 +243,9 @@ pub fn series_check() -> Result<Vec<(String, bool)>> {
         }
         results.push((name, ok.is_ok()));
     }
+    results.reverse();
+    prepare_tree(&kdir, &tree, &series, &version, &log)?;
+    configure(&tree, &series.fragment, &log)?;
     Ok(results)
 }
 

@@ -359,7 +359,9 @@ fn cmd_test() -> Result<()> {
         }
     }
     println!("==> every patch builds on its own (series prefixes)");
-    match kernel::series_check() {
+    // Build and cache the whole series first: the prefix builds then go
+    // down from it, and the VM scenarios boot the cached image.
+    match kernel::ensure().and_then(|_| kernel::series_check()) {
         Ok(results) => {
             for (name, ok) in results {
                 println!("{} builds-alone {name}", if ok { "PASS" } else { "FAIL" });

@@ -1,8 +1,8 @@
 //! `mm-server`: the mm-upcall memory manager daemon.
 //!
 //! Today it validates its configuration (`--check-config`) against the
-//! running system. Serving needs the managed-node kernel patches
-//! (ATTACH_NODE), which do not exist yet; without `--check-config` it says
+//! running system. The kernel mechanism it drives exists (patches 0007-0012),
+//! but the daemon's event loop does not yet; without `--check-config` it says
 //! so and exits non-zero rather than pretending to manage memory.
 
 use std::path::PathBuf;
@@ -42,7 +42,7 @@ fn run(cli: &Cli) -> Result<()> {
         return Ok(());
     }
     Err(anyhow::anyhow!(
-        "serving is not implemented yet: it needs the managed-node kernel patches (ATTACH_NODE)"
+        "serving is not implemented yet: the event loop that answers upcalls is still to be written"
     ))
     .context("mm-server cannot start")
 }

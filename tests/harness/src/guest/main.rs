@@ -57,7 +57,9 @@ fn run(scenario: &str) -> Result<()> {
         // Used by `xtask demo`: print what the guest sees, assert nothing.
         "show-topology" => topology::show(),
         // `xtask demo`: the topology, then the transport at work.
-        "demo" => topology::show().and_then(|()| upcall::demo()),
+        "demo" => topology::show()
+            .and_then(|()| upcall::demo())
+            .and_then(|()| fence::demo()),
         other => bail!(
             "unknown scenario `{other}` (known: {})",
             SCENARIOS.join(", ")

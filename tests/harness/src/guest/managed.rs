@@ -363,7 +363,8 @@ pub fn serve(args: &[String]) -> Result<()> {
     if args.get(1).map(String::as_str) == Some("no-write-fault") {
         features &= !raw::features::WRITE_FAULT;
     }
-    let mut t = Transport::open(&Config {
+    // The previous server may still be going away: retry EBUSY a while.
+    let mut t = crate::upcall::open_retry(&Config {
         queue_depth: 64,
         timeout_ms: 10_000,
         features,

@@ -579,7 +579,6 @@ pub fn demo() -> Result<()> {
         (info.spanned_pages * 4096) >> 20,
         info.mmap_offset
     );
-    println!("demo: next (not built yet): isolation, write fence, write-fault verdicts, mm-server");
     ensure(r.answered == u64::from(n), || {
         format!("only {} of {n} answered", r.answered)
     })

@@ -150,22 +150,34 @@ fn cmd_bench(names: &[String]) -> Result<()> {
         let lines = bench_lines(&vm, &format!("bench-{name}"))?;
         if name == "fault" {
             // The unattached overhead: the same fault loop on the same
-            // configuration built without the series.
+            // configuration built without the series, boots alternating.
             let base_image = kernel::ensure_base()?;
             let base_vm = Vm {
                 bzimage: &base_image,
                 guest_bin: vm.guest_bin.clone(),
                 timeout: vm.timeout,
             };
-            let base = bench_lines(&base_vm, "bench-anon")?;
             let ns = |lines: &[String]| -> Option<f64> {
                 let l = lines.iter().find(|l| l.starts_with("anon:"))?;
                 l[..l.find(" ns/fault")?].rsplit(' ').next()?.parse().ok()
             };
-            if let (Some(p), Some(b)) = (ns(&lines), ns(&base)) {
+            let (mut patched, mut base) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                base.extend(ns(&bench_lines(&base_vm, "bench-anon")?));
+                patched.extend(ns(&bench_lines(&vm, "bench-anon")?));
+            }
+            patched.extend(ns(&lines));
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            if !patched.is_empty() && !base.is_empty() {
                 println!(
-                    "anon fault, nothing attached: patched {p:.0} ns, without the series {b:.0} ns, ratio {:.3}",
-                    p / b
+                    "anon fault, nothing attached: patched {patched:.0?} ns, without the series {base:.0?} ns; \
+                     medians {:.0} vs {:.0} ns, ratio {:.3}",
+                    median(&mut patched),
+                    median(&mut base),
+                    median(&mut patched) / median(&mut base)
                 );
             }
         }

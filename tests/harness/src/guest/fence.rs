@@ -546,12 +546,38 @@ pub fn write_fence() -> Result<()> {
         })
     })?;
 
+    in_place_case(&mut srv)?;
     numa_case(&mut srv)?;
     direct_read(&mut srv)?;
     fork_case(&mut srv)?;
     thp_case(&mut srv)?;
     ptrace_case(&mut srv)?;
     srv.quit()
+}
+
+/// A server that answers ALLOW_IN_PLACE: each page faults once, is written
+/// where it is, stays on node 1, and later writes to it do not fault.
+fn in_place_case(srv: &mut Server) -> Result<()> {
+    const LEN: usize = 1 << 20;
+    let mut mem = demoted(srv, LEN, 0xf9, false)?;
+    srv.cmd("reset")?;
+    srv.cmd("wf inplace")?;
+    flip(&mut mem, |_| true);
+    let first = my_faults(srv)?;
+    flip(&mut mem, |_| true);
+    flip(&mut mem, |_| true);
+    let again = my_faults(srv)? - first;
+    srv.cmd("wf promote")?;
+    let (n0, n1, _) = where_are(&mem)?;
+    println!(
+        "write-fence: ALLOW_IN_PLACE: {first} WRITE_FAULTs for {} pages, {again} more for two \
+         more passes; {n1} pages still on node 1, {n0} on node 0",
+        pages(LEN)
+    );
+    ensure(first == pages(LEN) as u64 && again == 0 && n1 == pages(LEN), || {
+        "ALLOW_IN_PLACE did not make exactly those mappings writable in place".into()
+    })?;
+    check_flipped(&mut mem, 0xf9, |_| true)
 }
 
 /// NUMA balancing in tiering mode (2) scans the demoted pages; the hint

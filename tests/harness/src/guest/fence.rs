@@ -574,9 +574,10 @@ fn in_place_case(srv: &mut Server) -> Result<()> {
          more passes; {n1} pages still on node 1, {n0} on node 0",
         pages(LEN)
     );
-    ensure(first == pages(LEN) as u64 && again == 0 && n1 == pages(LEN), || {
-        "ALLOW_IN_PLACE did not make exactly those mappings writable in place".into()
-    })?;
+    ensure(
+        first == pages(LEN) as u64 && again == 0 && n1 == pages(LEN),
+        || "ALLOW_IN_PLACE did not make exactly those mappings writable in place".into(),
+    )?;
     check_flipped(&mut mem, 0xf9, |_| true)
 }
 

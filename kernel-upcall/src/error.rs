@@ -35,6 +35,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Mapping a managed node's memory failed.
+    #[error("cannot map the memory of node {nid}")]
+    NodeMmap {
+        nid: u32,
+        #[source]
+        source: io::Error,
+    },
     /// The kernel sent a record this build does not understand.
     #[error("malformed record from the kernel")]
     Decode(#[from] DecodeError),
@@ -55,7 +62,8 @@ impl Error {
             | Error::Ring(source)
             | Error::Enter(source)
             | Error::Command { source, .. }
-            | Error::Mmap { source, .. } => os(source),
+            | Error::Mmap { source, .. }
+            | Error::NodeMmap { source, .. } => os(source),
             Error::SqFull => -libc::EBUSY,
             Error::Decode(_) => -libc::EPROTO,
             Error::Features { .. } => -libc::EOPNOTSUPP,

@@ -26,8 +26,9 @@ mod transport;
 
 pub use error::Error;
 pub use mm_upcall_proto as proto;
+pub use sys::{NodeMap, PAGE_SIZE};
 pub use transport::{
-    CTRL_TAG, Completion, Config, ControlOutcome, QueueOpener, Transport, ping_reply,
+    CTRL_TAG, Completion, Config, ControlOutcome, QueueOpener, Transport, WATCH_TAG, ping_reply,
 };
 
 /// Path of the device node the kernel series creates.

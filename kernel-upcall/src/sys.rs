@@ -115,3 +115,92 @@ pub fn push_no_buffers(
     // SAFETY: the entry references no memory of this process.
     unsafe { push(ring, entry) }
 }
+
+/// A managed node's memory, mapped read-only from the device (the server's
+/// "DAX" view, `MM_UPCALL_F_NODE_MMAP`).
+#[derive(Debug)]
+pub struct NodeMap {
+    ptr: NonNull<u8>,
+    len: usize,
+    start_pfn: u64,
+}
+
+// SAFETY: as for `DescMap`: reads are volatile copies into private buffers,
+// and no reference into the mapping is handed out.
+unsafe impl Send for NodeMap {}
+
+/// Bytes in a base page.
+pub const PAGE_SIZE: usize = 4096;
+
+impl NodeMap {
+    /// Map `info.spanned_pages` pages of the node at `info.mmap_offset`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NodeMmap`] with the kernel's errno (`EOPNOTSUPP` without
+    /// `MM_UPCALL_F_NODE_MMAP`, `ENOENT` for a node that is not attached).
+    pub fn map(fd: BorrowedFd<'_>, info: &raw::NodeInfo) -> Result<Self, Error> {
+        let fail = |source| Error::NodeMmap {
+            nid: info.nid,
+            source,
+        };
+        let len = usize::try_from(info.spanned_pages)
+            .ok()
+            .and_then(|n| n.checked_mul(PAGE_SIZE))
+            .filter(|&n| n > 0)
+            .ok_or_else(|| fail(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        // SAFETY: a new shared read-only mapping of the device; the kernel
+        // checks offset, length and protection.  MAP_FAILED is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                info.mmap_offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(p.cast())
+            .ok_or_else(|| fail(io::Error::from_raw_os_error(libc::EFAULT)))?;
+        Ok(Self {
+            ptr,
+            len,
+            start_pfn: info.start_pfn,
+        })
+    }
+
+    /// Copy the page at `pfn` into `out`; `false` if `pfn` is outside the
+    /// node.  The kernel may free and reuse the page while we read it: the
+    /// copy is then a mix of old and new contents, which only misjudges a
+    /// size the next PLACED of that pfn measures again.
+    pub fn read_page(&self, pfn: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
+        let Some(off) = pfn
+            .checked_sub(self.start_pfn)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| i.checked_mul(PAGE_SIZE))
+            .filter(|&o| o + PAGE_SIZE <= self.len)
+        else {
+            return false;
+        };
+        let src = self.ptr.as_ptr().wrapping_add(off).cast::<u64>();
+        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: off + 8 * i + 8 <= off + PAGE_SIZE <= len: inside the
+            // live mapping, u64-aligned (page-aligned base).  Volatile: the
+            // kernel owns the memory.
+            let v = unsafe { src.add(i).read_volatile() };
+            chunk.copy_from_slice(&v.to_ne_bytes());
+        }
+        true
+    }
+}
+
+impl Drop for NodeMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in map().
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}

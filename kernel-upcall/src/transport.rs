@@ -26,6 +26,8 @@ use crate::{DEVICE_PATH, Error};
 
 /// `user_data` of control commands starts here; slots use `0..depth`.
 pub const CTRL_TAG: u64 = 1 << 32;
+/// `user_data` of file descriptors watched with [`Transport::watch`].
+pub const WATCH_TAG: u64 = 2 << 32;
 
 /// How to open the transport.
 #[derive(Debug, Clone)]
@@ -88,6 +90,9 @@ pub enum Completion {
     },
     /// The kernel is tearing this server down (`-ENODEV`/`-ECANCELED`).
     Teardown { slot: u16 },
+    /// A descriptor watched with [`Transport::watch`] became readable (or
+    /// the poll failed: `result` < 0).  The watch is one-shot.
+    Readable { token: u32, result: i32 },
 }
 
 struct CtrlOp {
@@ -413,6 +418,32 @@ impl Transport {
         sys::push_no_buffers(&mut self.ring, &sqe)
     }
 
+    /// Watch `fd` for readability (one shot): when it is readable,
+    /// [`Transport::wait`] reports [`Completion::Readable`] with `token`.
+    /// This is how a server loop that sleeps in the ring learns of signals
+    /// (an eventfd) or other work.
+    ///
+    /// # Errors
+    ///
+    /// Ring errors.
+    pub fn watch(&mut self, fd: std::os::fd::BorrowedFd<'_>, token: u32) -> Result<(), Error> {
+        let sqe = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(WATCH_TAG + u64::from(token))
+            .into();
+        sys::push_no_buffers(&mut self.ring, &sqe)
+    }
+
+    /// Map the memory of the attached node `info` read-only (needs
+    /// `MM_UPCALL_F_NODE_MMAP`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NodeMmap`].
+    pub fn map_node(&self, info: &raw::NodeInfo) -> Result<sys::NodeMap, Error> {
+        sys::NodeMap::map(self.dev.as_fd(), info)
+    }
+
     /// Submit a control command and wait for it, keeping every other
     /// completion for the next [`Transport::wait`].
     ///
@@ -465,6 +496,12 @@ impl Transport {
     }
 
     fn complete(&mut self, user_data: u64, res: i32) -> Completion {
+        if user_data >= WATCH_TAG {
+            return Completion::Readable {
+                token: (user_data - WATCH_TAG) as u32,
+                result: res,
+            };
+        }
         if user_data >= CTRL_TAG {
             let token = (user_data - CTRL_TAG) as usize;
             let op = self.ctrl.try_remove(token).unwrap_or(CtrlOp {
@@ -668,6 +705,8 @@ mod tests {
     fn control_tags_never_collide_with_slot_numbers() {
         assert!(u64::from(raw::MAX_QUEUE_DEPTH) < CTRL_TAG);
         assert!(u64::from(u16::MAX) < CTRL_TAG);
+        // Slab keys stay far below 2^32, so control tags stay below watches.
+        assert_eq!(WATCH_TAG - CTRL_TAG, 1 << 32);
     }
 
     #[test]

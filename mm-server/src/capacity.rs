@@ -17,6 +17,11 @@
 //!
 //! Invariant (property-tested against a plain model): as long as pages only
 //! arrive through granted credit, `used + reserved <= capacity`.
+//!
+//! Credit is sized by the node's measured compression (so a node of
+//! compressible pages takes many more pages than its capacity in 4 KiB
+//! units) but never beyond what fits at the worst case; see
+//! [`NodeAccount::grant`].
 
 use thiserror::Error;
 
@@ -198,6 +203,10 @@ pub struct NodeAccount {
     resident: u64,
     zero_pages: u64,
     writable: u64,
+    /// Pages in state `Measured`, and what they cost: the node's measured
+    /// compression, which sizes credit grants.
+    measured_pages: u64,
+    measured_bytes: u64,
 }
 
 impl NodeAccount {
@@ -218,6 +227,8 @@ impl NodeAccount {
             resident: 0,
             zero_pages: 0,
             writable: 0,
+            measured_pages: 0,
+            measured_bytes: 0,
         })
     }
 
@@ -257,9 +268,16 @@ impl NodeAccount {
         size_of::<PageMeta>()
     }
 
-    /// Pressure from `used + reserved` against the watermarks.
+    /// `used` plus credit at the expected cost: what the node will hold
+    /// if the credit is spent on pages like those it holds.  Pressure and
+    /// eviction are judged on this.
+    pub fn projected(&self) -> u64 {
+        self.used + self.credit * self.expected_cost()
+    }
+
+    /// Pressure from [`Self::projected`] against the watermarks.
     pub fn level(&self) -> Level {
-        let c = self.committed();
+        let c = self.projected();
         if c >= self.geometry.mark(self.geometry.critical) {
             Level::Critical
         } else if c >= self.geometry.mark(self.geometry.high) {
@@ -269,12 +287,40 @@ impl NodeAccount {
         }
     }
 
-    /// Grant up to `want` pages of demotion credit: as many as keep
-    /// `used + reserved` below the high watermark.  Returns the grant.
+    /// What a page of credit is expected to cost once measured: the mean
+    /// measured cost of the node's resident pages (at least one granule),
+    /// or the worst case before anything was measured.
+    pub fn expected_cost(&self) -> u64 {
+        if self.measured_pages == 0 {
+            return u64::from(self.worst);
+        }
+        (self.measured_bytes / self.measured_pages)
+            .max(u64::from(self.geometry.granule))
+            .min(u64::from(self.worst))
+    }
+
+    /// Grant up to `want` pages of demotion credit.  Returns the grant.
+    ///
+    /// Two bounds, the smaller wins:
+    /// - safety: every page of credit is reserved at the worst case, and
+    ///   `used + reserved` stays within capacity, so no placement can ever
+    ///   overflow the device, whatever the pages hold;
+    /// - policy: at the measured compression ([`Self::expected_cost`]),
+    ///   credit stays below the high watermark.  Pages that compress worse
+    ///   than the node's history push use above high, which the eviction
+    ///   plan corrects.
+    ///
+    /// Nothing is granted at or above the high watermark.
     pub fn grant(&mut self, want: u64) -> u64 {
         let high = self.geometry.mark(self.geometry.high);
-        let room = high.saturating_sub(self.committed()) / u64::from(self.worst);
-        let n = want.min(room);
+        if self.projected() >= high {
+            return 0;
+        }
+        let worst = u64::from(self.worst);
+        let expected = self.expected_cost();
+        let safe = self.geometry.capacity.saturating_sub(self.committed()) / worst;
+        let planned = high.saturating_sub(self.used + self.credit * expected) / expected;
+        let n = want.min(safe).min(planned);
         self.credit += n;
         n
     }
@@ -353,12 +399,24 @@ impl NodeAccount {
             // Its content is not stable: keep charging the worst case.
             return Ok(());
         }
+        if m.state() == PageState::Measured {
+            // Resident pages are fenced: their contents, and so their size,
+            // cannot change until they leave.  The first measurement
+            // stands (a page reused after a free arrives with a new PLACED).
+            return Ok(());
+        }
         let rounded = self.geometry.round(bytes);
         let granules = rounded / self.geometry.granule;
         let old = self.cost(m);
         let new_meta = m.with_state(PageState::Measured).with_granules(granules);
         let new = self.cost(new_meta);
         self.used = self.used - old + new;
+        if m.state() == PageState::Measured {
+            self.measured_bytes -= old;
+        } else {
+            self.measured_pages += 1;
+        }
+        self.measured_bytes += new;
         if m.state() == PageState::Measured && m.granules() == 0 {
             self.zero_pages -= 1;
         }
@@ -388,6 +446,10 @@ impl NodeAccount {
             let m = self.pages[i];
             self.used -= self.cost(m);
             self.resident -= 1;
+            if m.state() == PageState::Measured {
+                self.measured_pages -= 1;
+                self.measured_bytes -= self.cost(m);
+            }
             if m.state() == PageState::Measured && m.granules() == 0 {
                 self.zero_pages -= 1;
             }
@@ -415,12 +477,17 @@ impl NodeAccount {
         }
         let extra = u64::from(self.worst) - self.cost(m);
         if self.writable >= budget
-            || self.committed() + extra > self.geometry.mark(self.geometry.high)
+            || self.committed() + extra > self.geometry.capacity
+            || self.projected() + extra > self.geometry.mark(self.geometry.high)
         {
             return Ok(false);
         }
-        if m.state() == PageState::Measured && m.granules() == 0 {
-            self.zero_pages -= 1;
+        if m.state() == PageState::Measured {
+            self.measured_pages -= 1;
+            self.measured_bytes -= self.cost(m);
+            if m.granules() == 0 {
+                self.zero_pages -= 1;
+            }
         }
         self.used += extra;
         self.writable += 1;
@@ -448,15 +515,15 @@ impl NodeAccount {
         self.index(pfn).map_or(0, |i| self.pages[i].heat())
     }
 
-    /// The pages to evict (PROMOTE_PFN) to bring `used + reserved` below the
-    /// low watermark: the costliest (least compressible) first, the hottest
-    /// last among equals.  Empty when below high.
+    /// The pages to evict (PROMOTE_PFN) to bring [`Self::projected`] below
+    /// the low watermark: the costliest (least compressible) first, the
+    /// hottest last among equals.  Empty when below high.
     pub fn eviction_plan(&self) -> Vec<u64> {
         if self.level() == Level::Normal {
             return Vec::new();
         }
         let low = self.geometry.mark(self.geometry.low);
-        let mut need = self.committed().saturating_sub(low);
+        let mut need = self.projected().saturating_sub(low);
         let mut cands: Vec<(u64, u8, usize)> = self
             .pages
             .iter()
@@ -492,6 +559,28 @@ impl NodeAccount {
             .filter(|m| m.state() == PageState::Measured && m.granules() == 0)
             .count() as u64;
         (used, resident, zero)
+    }
+
+    /// The state of page `pfn` (`None` outside the node).
+    pub fn state(&self, pfn: u64) -> Option<PageState> {
+        self.index(pfn).ok().map(|i| self.pages[i].state())
+    }
+
+    /// Pages of the node (spanned).
+    pub fn nr_pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Forget every page (before a RESYNC rebuilds the books); credit is
+    /// kept.
+    pub fn clear(&mut self) {
+        self.pages.fill(PageMeta::default());
+        self.used = 0;
+        self.resident = 0;
+        self.zero_pages = 0;
+        self.writable = 0;
+        self.measured_pages = 0;
+        self.measured_bytes = 0;
     }
 
     /// Resident pfns (for comparing with the kernel's truth).

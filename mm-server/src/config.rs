@@ -5,12 +5,15 @@
 //! device = "/dev/mm_upcall"   # default
 //! queue_depth = 64            # slots, 1..=1024
 //! timeout_ms = 1000           # longest wait on us, 1..=60000
+//! admin_socket = "/run/mm-server.sock"
+//! drain_timeout_ms = 30000    # eviction time on SIGTERM before detaching
 //!
 //! [policy]
 //! writable_budget = 0         # pages per node written in place
 //! hot_threshold = 2
 //! promote_rate_limit_mbps = 65536
 //! fast_nodes = [0]
+//! hot_window_ms = 1000        # heat halves after each window
 //!
 //! [[node]]
 //! nid = 1
@@ -68,6 +71,16 @@ pub enum ConfigError {
     QueueDepth(u16),
     #[error("server.timeout_ms must be 1..=60000, got {0}")]
     Timeout(u32),
+    #[error("server.drain_timeout_ms must be at most 600000, got {0}")]
+    DrainTimeout(u32),
+    #[error("policy.hot_window_ms must be 10..=3600000, got {0}")]
+    HotWindow(u32),
+    #[error("policy.fast_nodes is empty: name the node(s) pages are promoted to, nearest first")]
+    NoFastNodes,
+    #[error(
+        "server.admin_socket {path}: directory {dir} does not exist; create it or choose another path"
+    )]
+    AdminDir { path: PathBuf, dir: PathBuf },
     #[error(
         "device {path} is missing: boot a kernel with CONFIG_MM_UPCALL=y (see kernel-upcall/linux) or set server.device"
     )]
@@ -83,6 +96,15 @@ fn default_depth() -> u16 {
     64
 }
 fn default_timeout() -> u32 {
+    1000
+}
+fn default_admin() -> PathBuf {
+    PathBuf::from("/run/mm-server.sock")
+}
+fn default_drain() -> u32 {
+    30_000
+}
+fn default_window() -> u32 {
     1000
 }
 fn default_granule() -> u32 {
@@ -107,6 +129,14 @@ pub struct ServerSection {
     pub queue_depth: u16,
     #[serde(default = "default_timeout")]
     pub timeout_ms: u32,
+    /// The admin socket (Prometheus metrics, stats), mode 0600.
+    #[serde(default = "default_admin")]
+    pub admin_socket: PathBuf,
+    /// On SIGINT/SIGTERM, how long to spend evicting the node's pages
+    /// before detaching it (a node that still holds pages is left managed,
+    /// isolated and fenced, for the next server to adopt).
+    #[serde(default = "default_drain")]
+    pub drain_timeout_ms: u32,
 }
 
 impl Default for ServerSection {
@@ -115,6 +145,8 @@ impl Default for ServerSection {
             device: default_device(),
             queue_depth: default_depth(),
             timeout_ms: default_timeout(),
+            admin_socket: default_admin(),
+            drain_timeout_ms: default_drain(),
         }
     }
 }
@@ -130,6 +162,9 @@ pub struct PolicySection {
     pub promote_rate_limit_mbps: u64,
     #[serde(default = "default_fast")]
     pub fast_nodes: Vec<u16>,
+    /// Length of a hotness window: page heat halves at its end.
+    #[serde(default = "default_window")]
+    pub hot_window_ms: u32,
 }
 
 impl Default for PolicySection {
@@ -139,6 +174,7 @@ impl Default for PolicySection {
             hot_threshold: default_hot(),
             promote_rate_limit_mbps: default_rate(),
             fast_nodes: default_fast(),
+            hot_window_ms: default_window(),
         }
     }
 }
@@ -234,6 +270,15 @@ impl Config {
         if !(1..=60_000).contains(&self.server.timeout_ms) {
             return Err(ConfigError::Timeout(self.server.timeout_ms));
         }
+        if self.server.drain_timeout_ms > 600_000 {
+            return Err(ConfigError::DrainTimeout(self.server.drain_timeout_ms));
+        }
+        if !(10..=3_600_000).contains(&self.policy.hot_window_ms) {
+            return Err(ConfigError::HotWindow(self.policy.hot_window_ms));
+        }
+        if self.policy.fast_nodes.is_empty() {
+            return Err(ConfigError::NoFastNodes);
+        }
         if self.node.is_empty() {
             return Err(ConfigError::NoNodes);
         }
@@ -277,6 +322,17 @@ impl Config {
                     cpus: cpus.trim().to_string(),
                 });
             }
+        }
+        let sock = &self.server.admin_socket;
+        let dir = sock
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(ConfigError::AdminDir {
+                path: sock.clone(),
+                dir: dir.to_path_buf(),
+            });
         }
         let dev = &self.server.device;
         match std::fs::metadata(dev) {

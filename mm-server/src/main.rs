@@ -1,16 +1,25 @@
 //! `mm-server`: the mm-upcall memory manager daemon.
 //!
-//! Today it validates its configuration (`--check-config`) against the
-//! running system. The kernel mechanism it drives exists (patches 0007-0012),
-//! but the daemon's event loop does not yet; without `--check-config` it says
-//! so and exits non-zero rather than pretending to manage memory.
+//! `mm-server -c /etc/mm-server.toml` attaches the configured compressed
+//! nodes and serves their upcalls until SIGINT/SIGTERM;
+//! `--check-config` validates the configuration against this system;
+//! `mm-server metrics` prints the running server's metrics (Prometheus
+//! text) from its admin socket.  Logs go to stderr, filtered by
+//! `MM_SERVER_LOG` (or `RUST_LOG`), `info` by default.
 
+use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use mm_server::admin::{self, AdminClient};
 use mm_server::config::Config;
+use mm_server::daemon::Daemon;
+use mm_server::metrics::Snapshot;
+use mm_server::sys;
 
 /// The mm-upcall user-mode memory manager.
 #[derive(Debug, Parser)]
@@ -25,9 +34,76 @@ struct Cli {
     /// Root of sysfs (for tests).
     #[arg(long, default_value = "/sys", hide = true)]
     sysfs_root: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Print the running server's metrics (Prometheus text format).
+    Metrics {
+        /// The admin socket (default: `server.admin_socket` of the config).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MM_SERVER_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn serve(cfg: &Config) -> Result<()> {
+    let stop = sys::eventfd().context("eventfd")?;
+    let handler_fd = stop.try_clone().context("eventfd")?;
+    ctrlc::set_handler(move || sys::eventfd_signal(handler_fd.as_fd()))
+        .context("cannot install the SIGINT/SIGTERM handler")?;
+    let listener = admin::bind(&cfg.server.admin_socket).with_context(|| {
+        format!(
+            "cannot create the admin socket {}",
+            cfg.server.admin_socket.display()
+        )
+    })?;
+    // The socket goes away with the server, however it stops.
+    let _socket = RemoveOnDrop(cfg.server.admin_socket.clone());
+    let snapshot = Arc::new(Mutex::new(Snapshot::default()));
+    let mut daemon = Daemon::start(cfg, stop, Arc::clone(&snapshot))?;
+    sys::mlockall().context(
+        "mlockall: the memory manager must not be paged out; run as root (CAP_IPC_LOCK) \
+         or raise RLIMIT_MEMLOCK",
+    )?;
+    admin::spawn(listener, snapshot).context("cannot start the admin socket thread")?;
+    daemon.run(Duration::from_millis(u64::from(
+        cfg.server.drain_timeout_ms,
+    )))?;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    if let Some(Cmd::Metrics { socket }) = &cli.cmd {
+        let path = match socket {
+            Some(p) => p.clone(),
+            None => Config::load(&cli.config)?.server.admin_socket,
+        };
+        print!("{}", AdminClient::connect(&path)?.metrics()?);
+        return Ok(());
+    }
     let cfg = Config::load(&cli.config)?;
     cfg.validate()?;
     cfg.check_system(&cli.sysfs_root)?;
@@ -41,14 +117,12 @@ fn run(cli: &Cli) -> Result<()> {
         );
         return Ok(());
     }
-    Err(anyhow::anyhow!(
-        "serving is not implemented yet: the event loop that answers upcalls is still to be written"
-    ))
-    .context("mm-server cannot start")
+    serve(&cfg).context("mm-server stopped")
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -51,7 +51,8 @@ impl Transport for mm_upcall_kernel::Transport {
                 mm_upcall_kernel::Completion::Teardown { .. } => {
                     return Err(mm_upcall_kernel::Error::Shutdown);
                 }
-                mm_upcall_kernel::Completion::Control { .. } => {}
+                mm_upcall_kernel::Completion::Control { .. }
+                | mm_upcall_kernel::Completion::Readable { .. } => {}
             }
         }
         Ok(())

@@ -152,10 +152,20 @@ fn a_missing_file_is_named() {
 }
 
 #[test]
-fn serving_without_the_managed_node_kernel_is_refused_honestly() {
+fn serving_on_a_device_that_is_not_mm_upcall_fails_and_says_which() {
+    // /dev/null is a character device, so the checks pass; opening it as
+    // the upcall transport cannot.
     let f = Fixture::new("serve");
     let cfg = f.dir.join("mm-server.toml");
-    std::fs::write(&cfg, GOOD).unwrap();
+    let sock = f.dir.join("admin.sock");
+    std::fs::write(
+        &cfg,
+        GOOD.replace(
+            "[server]",
+            &format!("[server]\nadmin_socket = \"{}\"", sock.display()),
+        ),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mm-server"))
         .arg("--config")
         .arg(&cfg)
@@ -163,8 +173,23 @@ fn serving_without_the_managed_node_kernel_is_refused_honestly() {
         .arg(f.dir.join("sys"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot open /dev/null"), "{err}");
+    assert!(!sock.exists(), "the admin socket outlived the server");
+}
+
+#[test]
+fn metrics_without_a_server_says_what_is_wrong() {
+    let f = Fixture::new("metrics");
+    let out = Command::new(env!("CARGO_BIN_EXE_mm-server"))
+        .args(["metrics", "--socket"])
+        .arg(f.dir.join("nothing.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is mm-server running"), "{err}");
 }
 
 #[test]

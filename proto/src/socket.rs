@@ -28,7 +28,12 @@ pub mod op {
     pub const STATS_REPLY: u16 = 7;
     pub const OK: u16 = 8;
     pub const ERROR: u16 = 9;
+    pub const METRICS: u16 = 10;
+    pub const METRICS_REPLY: u16 = 11;
 }
+
+/// Longest text a `MetricsReply` may carry.
+pub const MAX_METRICS_TEXT: usize = 1 << 20;
 
 macro_rules! record {
     ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }) => {
@@ -245,6 +250,14 @@ pub enum Frame {
         errno: i32,
         code: ErrorCode,
     },
+    /// Ask for the server's metrics in the Prometheus text format.
+    Metrics,
+    /// The metrics: `len` bytes of UTF-8 text follow the header.  The text
+    /// is the only variable-length payload of the protocol; [`Frame::encode`]
+    /// writes the header and the caller appends the text.
+    MetricsReply {
+        len: u32,
+    },
 }
 
 /// Size of the frame header.
@@ -262,6 +275,7 @@ fn payload_len(op: u16) -> Option<usize> {
         op::STATS | op::OK => 0,
         op::STATS_REPLY => core::mem::size_of::<StatsRec>(),
         op::ERROR => core::mem::size_of::<ErrorRec>(),
+        op::METRICS => 0,
         _ => return None,
     })
 }
@@ -278,6 +292,8 @@ impl Frame {
             Frame::StatsReply(_) => op::STATS_REPLY,
             Frame::Ok => op::OK,
             Frame::Error { .. } => op::ERROR,
+            Frame::Metrics => op::METRICS,
+            Frame::MetricsReply { .. } => op::METRICS_REPLY,
         }
     }
 
@@ -352,7 +368,18 @@ impl Frame {
                 }),
             ),
             Frame::QueryReply(r) => put(out, op, Some(&r)),
-            Frame::Stats | Frame::Ok => put::<ErrorRec>(out, op, None),
+            Frame::Stats | Frame::Ok | Frame::Metrics => put::<ErrorRec>(out, op, None),
+            Frame::MetricsReply { len } => {
+                let hdr = FrameHeader {
+                    magic: MAGIC,
+                    version: VERSION,
+                    op,
+                    len,
+                    reserved: 0,
+                };
+                out[..HEADER_SIZE].copy_from_slice(hdr.as_bytes());
+                HEADER_SIZE
+            }
             Frame::StatsReply(r) => put(out, op, Some(&r)),
             Frame::Error { errno, code } => put(
                 out,
@@ -387,6 +414,16 @@ impl Frame {
             });
         }
         reserved_zero("reserved", h.reserved.into())?;
+        if h.op == op::METRICS_REPLY {
+            if h.len as usize > MAX_METRICS_TEXT {
+                return Err(DecodeError::BadLength {
+                    op: h.op,
+                    len: h.len,
+                    expected: MAX_METRICS_TEXT as u32,
+                });
+            }
+            return Ok((h, HEADER_SIZE + h.len as usize));
+        }
         let expected = payload_len(h.op).ok_or(DecodeError::Unknown {
             what: "frame opcode",
             value: h.op.into(),
@@ -472,6 +509,16 @@ impl Frame {
             op::STATS => Frame::Stats,
             op::STATS_REPLY => Frame::StatsReply(read_prefix(p)?),
             op::OK => Frame::Ok,
+            op::METRICS => Frame::Metrics,
+            op::METRICS_REPLY => {
+                if core::str::from_utf8(p).is_err() {
+                    return Err(DecodeError::Invalid {
+                        field: "metrics text",
+                        value: p.len() as u64,
+                    });
+                }
+                Frame::MetricsReply { len: h.len }
+            }
             op::ERROR => {
                 let r: ErrorRec = read_prefix(p)?;
                 reserved_zero("reserved", r.reserved.into())?;
@@ -496,4 +543,14 @@ impl Frame {
         };
         Ok((frame, total))
     }
+}
+
+/// The text of a decoded `MetricsReply` frame: the `len` bytes after the
+/// header of `buf` (which [`Frame::decode`] checked are UTF-8).
+pub fn metrics_text(buf: &[u8]) -> Option<&str> {
+    let (h, total) = Frame::decode_header(buf).ok()?;
+    if h.op != op::METRICS_REPLY || buf.len() < total {
+        return None;
+    }
+    core::str::from_utf8(&buf[HEADER_SIZE..total]).ok()
 }

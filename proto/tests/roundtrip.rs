@@ -213,6 +213,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             zero_pages: a[11]
         })),
         Just(Frame::Ok),
+        Just(Frame::Metrics),
         (i32::MIN..0, code).prop_map(|(errno, code)| Frame::Error { errno, code }),
     ]
 }
@@ -508,6 +509,51 @@ fn event_batch_with_trailing_garbage_ends_in_short() {
             Err(DecodeError::Short { need: 40, got: 3 })
         ]
     );
+}
+
+fn metrics_reply(text: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; socket::HEADER_SIZE + text.len()];
+    Frame::MetricsReply {
+        len: text.len() as u32,
+    }
+    .encode(&mut buf);
+    buf[socket::HEADER_SIZE..].copy_from_slice(text);
+    buf
+}
+
+#[test]
+fn metrics_reply_carries_its_text() {
+    let text = b"# TYPE mm_server_upcalls_total counter\nmm_server_upcalls_total 3\n";
+    let buf = metrics_reply(text);
+    assert_eq!(
+        Frame::decode(&buf),
+        Ok((
+            Frame::MetricsReply {
+                len: text.len() as u32
+            },
+            buf.len()
+        ))
+    );
+    assert_eq!(
+        socket::metrics_text(&buf).map(str::as_bytes),
+        Some(&text[..])
+    );
+    // Cut short: the reader is told how much more to read.
+    assert!(matches!(
+        Frame::decode(&buf[..buf.len() - 1]),
+        Err(DecodeError::Short { .. })
+    ));
+    // Not UTF-8, or longer than the limit: rejected.
+    assert!(matches!(
+        Frame::decode(&metrics_reply(&[0xff, 0xfe])),
+        Err(DecodeError::Invalid { .. })
+    ));
+    let mut huge = metrics_reply(b"");
+    huge[8..12].copy_from_slice(&((socket::MAX_METRICS_TEXT + 1) as u32).to_ne_bytes());
+    assert!(matches!(
+        Frame::decode_header(&huge),
+        Err(DecodeError::BadLength { .. })
+    ));
 }
 
 #[test]

@@ -436,7 +436,7 @@ pub fn serve(args: &[String]) -> Result<()> {
                     eprintln!("server: slot {slot} failed: {error}; re-arming");
                     t.fetch(slot)?;
                 }
-                Completion::Control { .. } => {}
+                Completion::Control { .. } | Completion::Readable { .. } => {}
                 Completion::Teardown { .. } => bail!("the kernel tore the server down"),
             }
         }

@@ -1,0 +1,293 @@
+//! The admin socket: a stream Unix socket speaking the frames of
+//! `mm_upcall_proto::socket`.  A client sends `Hello` first, then `Stats`
+//! (fixed-layout counters) or `Metrics` (Prometheus text).  Only root may
+//! connect (the socket is mode 0600 and the peer's uid is checked); client
+//! hints (`Hint`, `Query`) are answered `Unsupported` until they exist.
+//!
+//! The socket is served by its own thread from a [`Snapshot`] the event
+//! loop publishes, so a slow or hostile client never delays a verdict.
+//! Every connection has a read timeout and a thread of its own, at most
+//! [`MAX_CLIENTS`] at a time.
+
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mm_upcall_proto::DecodeError;
+use mm_upcall_proto::socket::{
+    self, ErrorCode, Frame, HEADER_SIZE, MAX_FRAME_SIZE, MAX_METRICS_TEXT,
+};
+
+use crate::metrics::Snapshot;
+
+/// Connections served at once; more are refused with `Busy`.
+pub const MAX_CLIENTS: usize = 8;
+/// How long a client may take to send a frame.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bind the admin socket at `path` (replacing a stale one) with mode 0600.
+///
+/// # Errors
+///
+/// A live server already listens there (`AddrInUse`), or binding failed.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another mm-server answers on {}; stop it first",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serve `listener` from `snapshot` on a new thread, for the life of the
+/// process.
+pub fn spawn(listener: UnixListener, snapshot: Arc<Mutex<Snapshot>>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let active = Arc::new(AtomicUsize::new(0));
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { continue };
+                if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                    let _ = send(
+                        &mut s,
+                        Frame::Error {
+                            errno: -libc::EBUSY,
+                            code: ErrorCode::Busy,
+                        },
+                    );
+                    continue;
+                }
+                let snap = Arc::clone(&snapshot);
+                let act = Arc::clone(&active);
+                let spawned = std::thread::Builder::new()
+                    .name("admin-client".into())
+                    .spawn(move || {
+                        if let Err(e) = client(&mut s, &snap) {
+                            tracing::debug!("admin client: {e}");
+                        }
+                        act.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+fn send(s: &mut UnixStream, f: Frame) -> io::Result<()> {
+    let mut buf = [0u8; MAX_FRAME_SIZE];
+    let n = f.encode(&mut buf);
+    s.write_all(&buf[..n])
+}
+
+fn error(s: &mut UnixStream, errno: i32, code: ErrorCode) -> io::Result<()> {
+    send(s, Frame::Error { errno, code })
+}
+
+/// Read one frame; `None` at a clean end of stream.
+fn read_frame(s: &mut UnixStream) -> io::Result<Option<Result<Frame, DecodeError>>> {
+    let mut buf = [0u8; MAX_FRAME_SIZE];
+    let mut got = 0;
+    while got < HEADER_SIZE {
+        let n = s.read(&mut buf[got..HEADER_SIZE])?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        got += n;
+    }
+    let total = match Frame::decode_header(&buf[..HEADER_SIZE]) {
+        Ok((_, total)) => total,
+        Err(e) => return Ok(Some(Err(e))),
+    };
+    if total > MAX_FRAME_SIZE {
+        // Only replies are longer (MetricsReply): not a client frame.
+        return Ok(Some(Err(DecodeError::BadLength {
+            op: u16::from_ne_bytes([buf[6], buf[7]]),
+            len: (total - HEADER_SIZE) as u32,
+            expected: (MAX_FRAME_SIZE - HEADER_SIZE) as u32,
+        })));
+    }
+    s.read_exact(&mut buf[HEADER_SIZE..total])?;
+    Ok(Some(Frame::decode(&buf[..total]).map(|(f, _)| f)))
+}
+
+/// A whole `MetricsReply` frame with `text`, cut on a line boundary at the
+/// protocol's limit.
+pub fn metrics_frame(text: &str) -> Vec<u8> {
+    let mut body = text.as_bytes();
+    if body.len() > MAX_METRICS_TEXT {
+        let cut = body[..MAX_METRICS_TEXT]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        body = &body[..cut];
+    }
+    let mut out = vec![0u8; HEADER_SIZE + body.len()];
+    Frame::MetricsReply {
+        len: body.len() as u32,
+    }
+    .encode(&mut out);
+    out[HEADER_SIZE..].copy_from_slice(body);
+    out
+}
+
+fn client(s: &mut UnixStream, snap: &Mutex<Snapshot>) -> io::Result<()> {
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
+    s.set_write_timeout(Some(READ_TIMEOUT))?;
+    if crate::sys::peer_uid(s)? != 0 {
+        return error(s, -libc::EPERM, ErrorCode::PermissionDenied);
+    }
+    let mut hello = false;
+    loop {
+        let frame = match read_frame(s)? {
+            None => return Ok(()),
+            Some(Ok(f)) => f,
+            Some(Err(DecodeError::BadVersion { .. })) => {
+                return error(s, -libc::EPROTO, ErrorCode::BadVersion);
+            }
+            Some(Err(_)) => return error(s, -libc::EPROTO, ErrorCode::BadFrame),
+        };
+        match frame {
+            Frame::Hello {
+                min_version,
+                max_version,
+                ..
+            } => {
+                let v = max_version.min(socket::MAX_VERSION);
+                if v < min_version.max(socket::MIN_VERSION) {
+                    return error(s, -libc::EPROTO, ErrorCode::BadVersion);
+                }
+                hello = true;
+                send(
+                    s,
+                    Frame::HelloReply {
+                        version: v,
+                        features: 0,
+                    },
+                )?;
+            }
+            _ if !hello => return error(s, -libc::EPROTO, ErrorCode::BadFrame),
+            Frame::Stats => {
+                let st = lock(snap).stats();
+                send(s, Frame::StatsReply(st))?;
+            }
+            Frame::Metrics => {
+                let text = lock(snap).render();
+                s.write_all(&metrics_frame(&text))?;
+            }
+            Frame::Hint { .. } | Frame::Query { .. } => {
+                error(s, -libc::EOPNOTSUPP, ErrorCode::Unsupported)?;
+            }
+            // Replies are not requests.
+            _ => return error(s, -libc::EPROTO, ErrorCode::BadFrame),
+        }
+    }
+}
+
+fn lock(m: &Mutex<Snapshot>) -> std::sync::MutexGuard<'_, Snapshot> {
+    // A panic elsewhere cannot leave a snapshot half-written in a way that
+    // matters: it is a copy of counters.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A client of the admin socket (for `mm-server metrics` and tests).
+#[derive(Debug)]
+pub struct AdminClient {
+    s: UnixStream,
+    path: PathBuf,
+}
+
+impl AdminClient {
+    /// Connect and say Hello.
+    ///
+    /// # Errors
+    ///
+    /// Connecting, or the server's refusal.
+    pub fn connect(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let s = UnixStream::connect(path).with_context(|| {
+            format!(
+                "cannot connect to the admin socket {}: is mm-server running (and are you root)?",
+                path.display()
+            )
+        })?;
+        s.set_read_timeout(Some(READ_TIMEOUT))?;
+        let mut c = Self {
+            s,
+            path: path.to_path_buf(),
+        };
+        match c.call(Frame::Hello {
+            min_version: socket::MIN_VERSION,
+            max_version: socket::MAX_VERSION,
+            features: 0,
+        })? {
+            (Frame::HelloReply { .. }, _) => Ok(c),
+            (other, _) => {
+                anyhow::bail!("{}: unexpected reply to Hello: {other:?}", c.path.display())
+            }
+        }
+    }
+
+    fn call(&mut self, f: Frame) -> anyhow::Result<(Frame, Vec<u8>)> {
+        send(&mut self.s, f)?;
+        let mut hdr = [0u8; HEADER_SIZE];
+        self.s.read_exact(&mut hdr)?;
+        let (_, total) = Frame::decode_header(&hdr)?;
+        let mut buf = hdr.to_vec();
+        buf.resize(total, 0);
+        self.s.read_exact(&mut buf[HEADER_SIZE..])?;
+        let (frame, _) = Frame::decode(&buf)?;
+        if let Frame::Error { errno, code } = frame {
+            anyhow::bail!(
+                "{}: the server answered {code:?} ({})",
+                self.path.display(),
+                io::Error::from_raw_os_error(-errno)
+            );
+        }
+        Ok((frame, buf))
+    }
+
+    /// The metrics text.
+    ///
+    /// # Errors
+    ///
+    /// Socket or protocol errors.
+    pub fn metrics(&mut self) -> anyhow::Result<String> {
+        let (_, buf) = self.call(Frame::Metrics)?;
+        socket::metrics_text(&buf)
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("the server's Metrics reply is malformed"))
+    }
+
+    /// The fixed-layout counters.
+    ///
+    /// # Errors
+    ///
+    /// Socket or protocol errors.
+    pub fn stats(&mut self) -> anyhow::Result<socket::StatsRec> {
+        match self.call(Frame::Stats)? {
+            (Frame::StatsReply(r), _) => Ok(r),
+            (other, _) => anyhow::bail!("unexpected reply to Stats: {other:?}"),
+        }
+    }
+}

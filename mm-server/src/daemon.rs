@@ -1,0 +1,776 @@
+//! The daemon: one io_uring event loop that answers upcalls, keeps the
+//! books of every managed node from the kernel's events, measures what
+//! each resident page really costs, and keeps the device under its
+//! watermarks.
+//!
+//! One thread, one queue.  The loop sleeps in the ring
+//! ([`Transport::wait_timeout`]) and wakes for an upcall, a control
+//! command's completion, the signal eventfd, or the tick.  Each turn:
+//!
+//! 1. answer every upcall with the [`Policy`]'s verdict (nothing on that
+//!    path blocks or allocates per upcall beyond the batch vector);
+//! 2. read the events: `PLACED` charges the page at the worst case and
+//!    queues it for measurement, `PROMOTED`/`FREED` release it, `OVERFLOW`
+//!    (lost events) or a disagreement starts a `RESYNC`;
+//! 3. measure queued pages through the read-only node mapping (LZ4), a
+//!    few milliseconds per turn;
+//! 4. on the tick: watermarks (above high: evict with `PROMOTE_PFN`, the
+//!    costliest pages first, down to low; above critical: revoke all
+//!    credit), re-grant credit the kernel was denied once there is room,
+//!    cool page heat, publish a metrics snapshot.
+//!
+//! Control commands (`RESYNC` chunks, `SET_CREDIT`, `PROMOTE_PFN`) are
+//! submitted asynchronously and finish in step 1 of a later turn, so a
+//! long `RESYNC` never stops the verdicts.
+//!
+//! SIGINT/SIGTERM (through `ctrlc` and an eventfd the ring watches) start a
+//! drain: credit is revoked, credit requests are denied, the node's pages
+//! are evicted (for at most `drain_timeout_ms`), the node is detached if it
+//! is empty (else left managed, isolated and fenced, for the next server),
+//! and the process exits 0.  Upcalls are answered throughout.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use mm_upcall_kernel::proto::control::{Control, decode_node_info};
+use mm_upcall_kernel::proto::event::{Event, PlaceReason};
+use mm_upcall_kernel::proto::raw::{self, NodeInfo};
+use mm_upcall_kernel::proto::upcall::Upcall;
+use mm_upcall_kernel::proto::verdict::Verdict;
+use mm_upcall_kernel::{Completion, ControlOutcome, NodeMap, PAGE_SIZE, Transport};
+
+use crate::capacity::{self, Level, NodeAccount, PageState};
+use crate::config::Config;
+use crate::metrics::{Metrics, NodeCounters, NodeGauges, Snapshot};
+use crate::policy::Policy;
+
+/// Features the daemon needs from the kernel.
+pub const FEATURES: u64 = raw::features::WRITE_FAULT
+    | raw::features::HINT_FAULT
+    | raw::features::DEMOTE_CREDIT
+    | raw::features::EVENTS
+    | raw::features::NODE_MMAP;
+
+/// Period of the watermark / credit / metrics work.
+const TICK: Duration = Duration::from_millis(50);
+/// Longest measuring slice per turn.
+const MEASURE_SLICE: Duration = Duration::from_millis(3);
+/// `PROMOTE_PFN` commands in flight at once.
+const MAX_EVICTIONS_IN_FLIGHT: usize = 128;
+/// Token of the signal eventfd's watch.
+const STOP_TOKEN: u32 = 0;
+
+/// Why a control command was sent.
+#[derive(Debug, Clone, Copy)]
+enum Ctrl {
+    Resync { node: usize },
+    SetCredit { node: usize, pages: u64 },
+    Evict { node: usize, pfn: u64 },
+}
+
+/// One managed node.
+struct Managed {
+    nid: u16,
+    info: NodeInfo,
+    map: NodeMap,
+    counters: NodeCounters,
+    /// Pages placed and not measured yet.
+    to_measure: VecDeque<u64>,
+    /// The kernel got DENY (or had its credit revoked) and asks no more:
+    /// grant again with SET_CREDIT when there is room.
+    muted: bool,
+    /// Next pfn a RESYNC covers; `None` when no RESYNC is running.
+    resync_at: Option<u64>,
+    resync_in_flight: bool,
+    /// A RESYNC must start (lost events, or the books disagreed).
+    stale: bool,
+    /// Pfns with a PROMOTE_PFN in flight.
+    evicting: HashSet<u64>,
+    /// Pfns the kernel refused to evict during the drain.
+    refused: HashSet<u64>,
+}
+
+impl Managed {
+    fn end_pfn(&self) -> u64 {
+        self.info.start_pfn + self.info.spanned_pages
+    }
+}
+
+/// The running server.
+pub struct Daemon {
+    t: Transport,
+    policy: Policy,
+    nodes: Vec<Managed>,
+    metrics: Metrics,
+    snapshot: Arc<Mutex<Snapshot>>,
+    stop_fd: OwnedFd,
+    ctrl: HashMap<usize, Ctrl>,
+    fast_nid: u16,
+    epoch: Instant,
+    last_tick: Instant,
+    last_cool: Instant,
+    hot_window: Duration,
+    draining: bool,
+    ready_sent: bool,
+    page: Box<[u8; PAGE_SIZE]>,
+}
+
+fn errno_of(out: &ControlOutcome) -> i32 {
+    match &out.result {
+        Ok(v) => *v,
+        Err(e) => e.errno(),
+    }
+}
+
+fn os_error(errno: i32) -> std::io::Error {
+    std::io::Error::from_raw_os_error(-errno)
+}
+
+/// Open the device, retrying while a previous server is still going away.
+fn open(cfg: &Config) -> Result<Transport> {
+    let tcfg = mm_upcall_kernel::Config {
+        path: cfg.server.device.display().to_string(),
+        nr_queues: 1,
+        queue_depth: cfg.server.queue_depth,
+        timeout_ms: cfg.server.timeout_ms,
+        features: FEATURES,
+        required: FEATURES,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Transport::open(&tcfg) {
+            Ok(t) => return Ok(t),
+            Err(e) if e.errno() == -libc::EBUSY && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) if e.errno() == -libc::EBUSY => {
+                return Err(e)
+                    .context(format!("another server holds {}: stop it first", tcfg.path));
+            }
+            Err(mm_upcall_kernel::Error::Features { missing }) => bail!(
+                "the kernel lacks features {missing:#x} that mm-server needs: \
+                 boot a kernel with the whole kernel-upcall series (patches 0001-0012)"
+            ),
+            Err(e) => return Err(e).context(format!("cannot open {}", tcfg.path)),
+        }
+    }
+}
+
+fn attach(t: &mut Transport, nid: u16) -> Result<NodeInfo> {
+    let out = t.control_sync(
+        Control::AttachNode {
+            nid: u32::from(nid),
+            credit_pages: 0,
+            reply_addr: 0,
+        },
+        size_of::<NodeInfo>(),
+    )?;
+    match errno_of(&out) {
+        0.. => Ok(decode_node_info(&out.reply)?),
+        e if e == -libc::ENXIO => bail!(
+            "ATTACH_NODE {nid}: node {nid} does not exist, is offline or has no memory; \
+             fix `nid` in [[node]]"
+        ),
+        e if e == -libc::EINVAL => {
+            bail!("ATTACH_NODE {nid}: node {nid} has CPUs; a managed node must be memory-only")
+        }
+        e if e == -libc::EEXIST => bail!("ATTACH_NODE {nid}: node {nid} is attached already"),
+        e => Err(os_error(e)).context(format!("ATTACH_NODE {nid}")),
+    }
+}
+
+impl Daemon {
+    /// Open the device, attach and map every configured node, and start
+    /// rebuilding their books with RESYNC.  `stop_fd` is the eventfd the
+    /// signal handler writes.
+    ///
+    /// # Errors
+    ///
+    /// Opening the device, attaching or mapping a node; each error says
+    /// what to fix.
+    pub fn start(cfg: &Config, stop_fd: OwnedFd, snapshot: Arc<Mutex<Snapshot>>) -> Result<Self> {
+        let mut t = open(cfg)?;
+        let policy_cfg = cfg.policy();
+        let epoch = Instant::now();
+        let mut policy = Policy::new(policy_cfg.clone(), 0);
+        let mut nodes = Vec::new();
+        for n in &cfg.node {
+            let info = attach(&mut t, n.nid)?;
+            let map = t
+                .map_node(&info)
+                .with_context(|| format!("node {}", n.nid))?;
+            let pages = usize::try_from(info.spanned_pages).context("node size")?;
+            let account = NodeAccount::new(n.geometry(), info.start_pfn, pages)
+                .with_context(|| format!("[[node]] nid {}", n.nid))?;
+            tracing::info!(
+                nid = n.nid,
+                start_pfn = format_args!("{:#x}", info.start_pfn),
+                pages = info.spanned_pages,
+                capacity_mib = n.capacity_mib,
+                "attached"
+            );
+            policy.add_node(n.nid, account);
+            nodes.push(Managed {
+                nid: n.nid,
+                info,
+                map,
+                counters: NodeCounters::default(),
+                to_measure: VecDeque::new(),
+                muted: true,
+                resync_at: Some(info.start_pfn),
+                resync_in_flight: false,
+                stale: false,
+                evicting: HashSet::new(),
+                refused: HashSet::new(),
+            });
+        }
+        let fast_nid = policy_cfg
+            .fast_nodes
+            .iter()
+            .copied()
+            .find(|&f| policy.node(f).is_none())
+            .context("policy.fast_nodes names no unmanaged node")?;
+        t.watch(stop_fd.as_fd(), STOP_TOKEN)?;
+        Ok(Self {
+            t,
+            policy,
+            nodes,
+            metrics: Metrics {
+                // Every node starts with a RESYNC (it may hold pages from a
+                // server before us).
+                resyncs: cfg.node.len() as u64,
+                ..Metrics::default()
+            },
+            snapshot,
+            stop_fd,
+            ctrl: HashMap::new(),
+            fast_nid,
+            epoch,
+            last_tick: epoch,
+            last_cool: epoch,
+            hot_window: Duration::from_millis(u64::from(cfg.policy.hot_window_ms)),
+            draining: false,
+            ready_sent: false,
+            page: Box::new([0u8; PAGE_SIZE]),
+        })
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn account(&mut self, i: usize) -> &mut NodeAccount {
+        let nid = self.nodes[i].nid;
+        self.policy
+            .node_mut(nid)
+            .expect("every Managed node has an account")
+    }
+
+    fn account_ref(&self, i: usize) -> &NodeAccount {
+        self.policy
+            .node(self.nodes[i].nid)
+            .expect("every Managed node has an account")
+    }
+
+    fn node_index(&self, nid: u16) -> Option<usize> {
+        self.nodes.iter().position(|n| n.nid == nid)
+    }
+
+    /// Serve until a signal; then drain and detach.
+    ///
+    /// # Errors
+    ///
+    /// The transport failed or the kernel tore the server down.
+    pub fn run(&mut self, drain_timeout: Duration) -> Result<()> {
+        let mut stop = false;
+        while !stop {
+            let idle = self.nodes.iter().all(|n| n.to_measure.is_empty());
+            stop = self.turn(if idle { TICK } else { Duration::ZERO })?;
+        }
+        tracing::info!("signal received: draining");
+        self.drain(drain_timeout)
+    }
+
+    /// One turn of the loop; `true` when a stop signal arrived.
+    fn turn(&mut self, timeout: Duration) -> Result<bool> {
+        let mut batch = Vec::new();
+        self.t.wait_timeout(&mut batch, timeout)?;
+        let mut stop = false;
+        for c in batch {
+            stop |= self.complete(c)?;
+        }
+        self.t.flush()?;
+        self.events()?;
+        self.measure();
+        if self.last_tick.elapsed() >= TICK {
+            self.last_tick = Instant::now();
+            self.tick()?;
+        }
+        Ok(stop)
+    }
+
+    fn complete(&mut self, c: Completion) -> Result<bool> {
+        match c {
+            Completion::Upcall { slot, request } => {
+                let t0 = Instant::now();
+                let v = self.decide(&request.upcall);
+                self.t.commit(slot, request.seq, v)?;
+                self.metrics.latency.observe(t0.elapsed().as_nanos() as u64);
+            }
+            Completion::Malformed { slot, seq, error } => {
+                self.metrics.malformed += 1;
+                self.metrics.defaults += 1;
+                tracing::warn!(slot, seq, "malformed upcall ({error}): answered DEFAULT");
+                self.t.commit(slot, seq, Verdict::Default)?;
+            }
+            Completion::SlotFailed { slot, error } => {
+                self.metrics.slot_failures += 1;
+                tracing::warn!(slot, "slot failed ({error}): re-arming");
+                self.t.fetch(slot)?;
+            }
+            Completion::Control { token, outcome } => {
+                if let Some(op) = self.ctrl.remove(&token) {
+                    self.control_done(op, &outcome);
+                }
+            }
+            Completion::Teardown { .. } => {
+                bail!("the kernel tore the server down (another server took the device?)")
+            }
+            Completion::Readable { token, result } => {
+                if token == STOP_TOKEN {
+                    if result < 0 {
+                        bail!("watching the signal eventfd failed: {}", os_error(result));
+                    }
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn decide(&mut self, upcall: &Upcall) -> Verdict {
+        match *upcall {
+            Upcall::WriteFault(_) => self.metrics.write_faults += 1,
+            Upcall::HintFault { .. } => self.metrics.hint_faults += 1,
+            Upcall::DemoteCredit { .. } => self.metrics.credit_requests += 1,
+            Upcall::Ping { .. } => self.metrics.pings += 1,
+        }
+        if let Upcall::DemoteCredit { nid, .. } = *upcall {
+            let Some(i) = self.node_index(nid) else {
+                self.policy.decisions.unknown_node += 1;
+                return Verdict::Deny;
+            };
+            // Nothing is granted while the books are being rebuilt or the
+            // server is draining; SET_CREDIT grants again later.
+            let n = &self.nodes[i];
+            if self.draining || n.resync_at.is_some() || n.stale {
+                self.policy.decisions.deny += 1;
+                self.nodes[i].muted = true;
+                self.nodes[i].counters.denials += 1;
+                return Verdict::Deny;
+            }
+        }
+        let now = self.now_ns();
+        let v = self.policy.decide(upcall, now);
+        if let (Upcall::DemoteCredit { nid, .. }, Verdict::Deny) = (upcall, v)
+            && let Some(i) = self.node_index(*nid)
+        {
+            self.nodes[i].muted = true;
+            self.nodes[i].counters.denials += 1;
+        }
+        if v == Verdict::Default {
+            self.metrics.defaults += 1;
+        }
+        v
+    }
+
+    fn submit(&mut self, ctrl: Control, why: Ctrl) -> Result<()> {
+        let token = self.t.submit_control(ctrl, 0)?;
+        self.ctrl.insert(token, why);
+        Ok(())
+    }
+
+    fn control_done(&mut self, op: Ctrl, out: &ControlOutcome) {
+        let r = errno_of(out);
+        match op {
+            Ctrl::Resync { node } => {
+                let n = &mut self.nodes[node];
+                n.resync_in_flight = false;
+                let Some(at) = n.resync_at else { return };
+                if r > 0 {
+                    let next = at + r as u64;
+                    n.resync_at = (next < n.end_pfn()).then_some(next);
+                } else if r != -libc::EAGAIN && r != -libc::EINTR {
+                    tracing::error!(nid = n.nid, at, "RESYNC failed: {}", os_error(r));
+                    n.resync_at = None;
+                    n.stale = true;
+                }
+                if n.resync_at.is_none() && !n.stale {
+                    let resident = self.account_ref(node).resident_pages();
+                    tracing::info!(nid = self.nodes[node].nid, resident, "books rebuilt");
+                }
+            }
+            Ctrl::SetCredit { node, pages } => {
+                if r < 0 {
+                    tracing::error!(
+                        nid = self.nodes[node].nid,
+                        pages,
+                        "SET_CREDIT failed: {}",
+                        os_error(r)
+                    );
+                }
+            }
+            Ctrl::Evict { node, pfn } => {
+                let n = &mut self.nodes[node];
+                n.evicting.remove(&pfn);
+                if r >= 0 {
+                    n.counters.evictions += 1;
+                } else {
+                    n.counters.evictions_failed += 1;
+                    if self.draining {
+                        n.refused.insert(pfn);
+                    }
+                    tracing::debug!(nid = n.nid, pfn, "PROMOTE_PFN: {}", os_error(r));
+                }
+            }
+        }
+    }
+
+    /// Apply the queued events to the books.
+    fn events(&mut self) -> Result<()> {
+        loop {
+            let batch = self.t.read_events().context("read events")?;
+            if batch.is_empty() {
+                break;
+            }
+            for e in batch {
+                match e {
+                    Ok(ev) => self.event(ev),
+                    Err(err) => {
+                        // A record we cannot read may hide a page: rebuild.
+                        tracing::warn!("malformed event ({err}): resyncing");
+                        for n in &mut self.nodes {
+                            n.stale = true;
+                        }
+                    }
+                }
+            }
+        }
+        for i in 0..self.nodes.len() {
+            self.sample(i);
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, ev: Event) {
+        let (nid, pfn, order) = match ev {
+            Event::Placed {
+                nid, pfn, order, ..
+            }
+            | Event::Freed { nid, pfn, order }
+            | Event::Promoted {
+                nid, pfn, order, ..
+            } => (nid, pfn, order),
+            Event::Overflow { lost } => {
+                self.metrics.event_overflows += 1;
+                tracing::warn!(lost, "the kernel dropped events: resyncing");
+                for n in &mut self.nodes {
+                    n.stale = true;
+                }
+                return;
+            }
+            Event::Ping { .. } => return,
+        };
+        let Some(i) = self.node_index(nid) else {
+            return;
+        };
+        let pages = 1u64 << order.min(20);
+        let resyncing = self.nodes[i].resync_at.is_some();
+        let r = match ev {
+            Event::Placed { reason, .. } => {
+                let credited = reason == PlaceReason::Demotion;
+                let r = self.account(i).placed(pfn, order, credited);
+                if r.is_ok() {
+                    let n = &mut self.nodes[i];
+                    if credited {
+                        n.counters.demoted += pages;
+                    } else {
+                        n.counters.placed_other += pages;
+                    }
+                    n.to_measure.extend(pfn..pfn + pages);
+                }
+                r
+            }
+            Event::Freed { .. } => {
+                let r = self.account(i).left(pfn, order);
+                if r.is_ok() {
+                    self.nodes[i].counters.freed += pages;
+                }
+                r
+            }
+            _ => {
+                let r = self.account(i).left(pfn, order);
+                if r.is_ok() {
+                    self.nodes[i].counters.promoted += pages;
+                }
+                r
+            }
+        };
+        if let Err(e) = r {
+            // While a RESYNC runs, events race with its reports: a page
+            // freed before RESYNC reached it was never in the books.
+            if !resyncing {
+                let n = &mut self.nodes[i];
+                n.counters.disagreements += 1;
+                n.stale = true;
+                tracing::warn!(nid, "event disagrees with the books ({e}): resyncing");
+            }
+        }
+    }
+
+    /// Check the invariant and keep the high-water mark.
+    fn sample(&mut self, i: usize) {
+        let a = self.account_ref(i);
+        let (committed, cap) = (a.committed(), a.geometry().capacity);
+        let c = &mut self.nodes[i].counters;
+        c.max_committed = c.max_committed.max(committed);
+        if committed > cap {
+            c.over_capacity += 1;
+        }
+    }
+
+    /// Measure queued pages for at most [`MEASURE_SLICE`].
+    fn measure(&mut self) {
+        let t0 = Instant::now();
+        for i in 0..self.nodes.len() {
+            while let Some(pfn) = self.nodes[i].to_measure.pop_front() {
+                if self.account_ref(i).state(pfn) != Some(PageState::Unmeasured) {
+                    continue;
+                }
+                if !self.nodes[i].map.read_page(pfn, &mut self.page) {
+                    continue;
+                }
+                let g = *self.account_ref(i).geometry();
+                let bytes = capacity::measure(&g, &self.page[..]);
+                if self.account(i).measured(pfn, bytes).is_ok() {
+                    self.nodes[i].counters.measured += 1;
+                }
+                if t0.elapsed() >= MEASURE_SLICE {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Watermarks, credit, RESYNC progress, cooling, snapshot.
+    fn tick(&mut self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            self.resync_step(i)?;
+            if self.nodes[i].resync_at.is_some() {
+                continue;
+            }
+            let level = self.account_ref(i).level();
+            if level == Level::Critical && self.account_ref(i).credit() > 0 {
+                // Take back every page of credit: the kernel may not place
+                // another page until we are below high again.
+                let credit = self.account_ref(i).credit();
+                self.account(i).revoke(credit);
+                self.nodes[i].muted = true;
+                self.set_credit(i, 0)?;
+                tracing::warn!(
+                    nid = self.nodes[i].nid,
+                    "critical watermark: credit revoked"
+                );
+            }
+            if level >= Level::High {
+                self.evict(i)?;
+            } else if self.nodes[i].muted && !self.draining {
+                self.regrant(i)?;
+            }
+        }
+        if self.last_cool.elapsed() >= self.hot_window {
+            self.last_cool = Instant::now();
+            for i in 0..self.nodes.len() {
+                self.account(i).cool();
+            }
+        }
+        if !self.ready_sent && self.nodes.iter().all(|n| n.resync_at.is_none()) {
+            self.ready_sent = true;
+            match crate::sys::notify_ready() {
+                Ok(true) => tracing::info!("serving; READY=1 sent to systemd"),
+                Ok(false) => tracing::info!("serving"),
+                Err(e) => tracing::warn!("serving, but READY=1 could not be sent: {e}"),
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Start or continue a RESYNC of node `i`.
+    fn resync_step(&mut self, i: usize) -> Result<()> {
+        if self.nodes[i].stale && self.nodes[i].resync_at.is_none() {
+            // Forget the books and the credit, and ask for every page again.
+            let n = &mut self.nodes[i];
+            n.stale = false;
+            n.to_measure.clear();
+            n.resync_at = Some(n.info.start_pfn);
+            let credit = self.account_ref(i).credit();
+            self.account(i).revoke(credit);
+            self.account(i).clear();
+            self.nodes[i].muted = true;
+            self.set_credit(i, 0)?;
+            self.metrics.resyncs += 1;
+        }
+        let n = &self.nodes[i];
+        if let (Some(at), false) = (n.resync_at, n.resync_in_flight) {
+            let ctrl = Control::Resync {
+                nid: u32::from(n.nid),
+                start_pfn: at,
+                nr_pages: n.end_pfn() - at,
+            };
+            self.nodes[i].resync_in_flight = true;
+            self.submit(ctrl, Ctrl::Resync { node: i })?;
+        }
+        Ok(())
+    }
+
+    fn set_credit(&mut self, i: usize, pages: u64) -> Result<()> {
+        let nid = u32::from(self.nodes[i].nid);
+        self.submit(
+            Control::SetCredit { nid, pages },
+            Ctrl::SetCredit { node: i, pages },
+        )
+    }
+
+    /// Grant credit again after a DENY, once the node has room: SET_CREDIT
+    /// to what fits below the high watermark.  The books keep only the new
+    /// grant reserved (the kernel's leftover credit is replaced).
+    fn regrant(&mut self, i: usize) -> Result<()> {
+        let want = self.nodes[i].info.spanned_pages;
+        let a = self.account(i);
+        let old = a.credit();
+        a.revoke(old);
+        let g = a.grant(want);
+        if g == 0 {
+            return Ok(());
+        }
+        self.nodes[i].muted = false;
+        self.set_credit(i, g)
+    }
+
+    /// Evict the costliest pages down to the low watermark.
+    fn evict(&mut self, i: usize) -> Result<()> {
+        if !self.nodes[i].evicting.is_empty() {
+            return Ok(());
+        }
+        let plan = self.account_ref(i).eviction_plan();
+        self.submit_evictions(i, plan)
+    }
+
+    fn submit_evictions(&mut self, i: usize, pfns: Vec<u64>) -> Result<()> {
+        let nid = u32::from(self.fast_nid);
+        for pfn in pfns {
+            if self.nodes[i].evicting.len() >= MAX_EVICTIONS_IN_FLIGHT {
+                break;
+            }
+            if !self.nodes[i].evicting.insert(pfn) {
+                continue;
+            }
+            self.submit(
+                Control::PromotePfn { pfn, nid },
+                Ctrl::Evict { node: i, pfn },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let nodes = (0..self.nodes.len())
+            .map(|i| {
+                (
+                    NodeGauges::of(self.nodes[i].nid, self.account_ref(i)),
+                    self.nodes[i].counters.clone(),
+                )
+            })
+            .collect();
+        let snap = Snapshot {
+            metrics: self.metrics.clone(),
+            decisions: self.policy.decisions.clone(),
+            nodes,
+            uptime_s: self.epoch.elapsed().as_secs_f64(),
+        };
+        *self
+            .snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = snap;
+    }
+
+    /// Revoke credit, evict every page, detach the nodes that emptied.
+    fn drain(&mut self, timeout: Duration) -> Result<()> {
+        self.draining = true;
+        for i in 0..self.nodes.len() {
+            let credit = self.account_ref(i).credit();
+            self.account(i).revoke(credit);
+            self.set_credit(i, 0)?;
+        }
+        // A second signal cuts the drain short.
+        crate::sys::eventfd_clear(self.stop_fd.as_fd());
+        self.t.watch(self.stop_fd.as_fd(), STOP_TOKEN)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut busy = false;
+            for i in 0..self.nodes.len() {
+                let n = &self.nodes[i];
+                if n.resync_at.is_some() || n.stale {
+                    self.resync_step(i)?;
+                    busy = true;
+                    continue;
+                }
+                let left: Vec<u64> = self
+                    .account_ref(i)
+                    .resident_pfns()
+                    .filter(|p| !self.nodes[i].refused.contains(p))
+                    .collect();
+                busy |= !left.is_empty() || !self.nodes[i].evicting.is_empty();
+                self.submit_evictions(i, left)?;
+            }
+            if !busy || Instant::now() >= deadline {
+                break;
+            }
+            if self.turn(Duration::from_millis(10))? {
+                tracing::warn!("second signal: drain cut short");
+                break;
+            }
+        }
+        // Let the last events land, then detach what is empty.
+        self.turn(Duration::from_millis(10))?;
+        for i in 0..self.nodes.len() {
+            let nid = self.nodes[i].nid;
+            let resident = self.account_ref(i).resident_pages();
+            if resident > 0 {
+                tracing::warn!(
+                    nid,
+                    resident,
+                    "node still holds pages: left managed (isolated and fenced) \
+                     for the next server to adopt"
+                );
+                continue;
+            }
+            let out = self.t.control_sync(
+                Control::DetachNode {
+                    nid: u32::from(nid),
+                },
+                0,
+            )?;
+            match errno_of(&out) {
+                0.. => tracing::info!(nid, "detached"),
+                e => tracing::error!(nid, "DETACH_NODE failed: {}", os_error(e)),
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+}

@@ -566,6 +566,11 @@ impl NodeAccount {
         self.index(pfn).ok().map(|i| self.pages[i].state())
     }
 
+    /// First pfn of the node.
+    pub fn start_pfn(&self) -> u64 {
+        self.start_pfn
+    }
+
     /// Pages of the node (spanned).
     pub fn nr_pages(&self) -> usize {
         self.pages.len()

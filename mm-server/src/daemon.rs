@@ -42,7 +42,7 @@ use mm_upcall_kernel::proto::upcall::Upcall;
 use mm_upcall_kernel::proto::verdict::Verdict;
 use mm_upcall_kernel::{Completion, ControlOutcome, NodeMap, PAGE_SIZE, Transport};
 
-use crate::capacity::{self, Level, NodeAccount, PageState};
+use crate::capacity::{self, AccountError, Level, NodeAccount, PageState};
 use crate::config::Config;
 use crate::metrics::{Metrics, NodeCounters, NodeGauges, Snapshot};
 use crate::policy::Policy;
@@ -520,9 +520,16 @@ impl Daemon {
             }
         };
         if let Err(e) = r {
-            // While a RESYNC runs, events race with its reports: a page
-            // freed before RESYNC reached it was never in the books.
-            if !resyncing {
+            // Not disagreements:
+            // - a FREED or PROMOTED page the books do not hold: the kernel
+            //   frees the target of a demotion that failed after its page
+            //   was allocated, without a PLACED;
+            // - anything while a RESYNC runs: events race with its reports.
+            // A PLACED of a page the books hold means a FREED was missed.
+            let missed_free = matches!(e, AccountError::AlreadyResident { .. });
+            if !missed_free {
+                self.nodes[i].counters.unknown_frees += pages;
+            } else if !resyncing {
                 let n = &mut self.nodes[i];
                 n.counters.disagreements += 1;
                 n.stale = true;
@@ -750,6 +757,18 @@ impl Daemon {
         for i in 0..self.nodes.len() {
             let nid = self.nodes[i].nid;
             let resident = self.account_ref(i).resident_pages();
+            let n = &self.nodes[i];
+            if n.resync_at.is_some() || n.stale {
+                // The books are being rebuilt: an empty account proves
+                // nothing, and detaching a node with pages on it would let
+                // them be written in place.
+                tracing::warn!(
+                    nid,
+                    "drain ended while the books were being rebuilt: left managed \
+                     (isolated and fenced) for the next server to adopt"
+                );
+                continue;
+            }
             if resident > 0 {
                 tracing::warn!(
                     nid,

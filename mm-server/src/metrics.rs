@@ -51,6 +51,9 @@ pub struct NodeCounters {
     pub denials: u64,
     /// Events the books disagreed with (each leads to a RESYNC).
     pub disagreements: u64,
+    /// Pages FREED or PROMOTED that the books did not hold (targets of
+    /// failed demotions, races with RESYNC).
+    pub unknown_frees: u64,
     /// Largest `used + reserved` seen, bytes.
     pub max_committed: u64,
     /// Times accounted use exceeded capacity (must stay 0).
@@ -61,6 +64,8 @@ pub struct NodeCounters {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeGauges {
     pub nid: u16,
+    pub start_pfn: u64,
+    pub spanned_pages: u64,
     pub capacity: u64,
     pub used: u64,
     pub reserved: u64,
@@ -74,6 +79,8 @@ impl NodeGauges {
     pub fn of(nid: u16, a: &NodeAccount) -> Self {
         Self {
             nid,
+            start_pfn: a.start_pfn(),
+            spanned_pages: a.nr_pages() as u64,
             capacity: a.geometry().capacity,
             used: a.used(),
             reserved: a.reserved(),
@@ -225,7 +232,11 @@ impl Snapshot {
             let _ = writeln!(o, "mm_server_{name} {v}");
         }
         type Field = fn(&NodeGauges, &NodeCounters) -> f64;
-        let per_node: [(&str, &str, &str, Field); 17] = [
+        let per_node: [(&str, &str, &str, Field); 21] = [
+            ("book_disagreements_total", "counter", "Events that contradicted the books (each starts a RESYNC).", |_, c| c.disagreements as f64),
+            ("unknown_frees_total", "counter", "Pages freed or promoted that were not in the books (failed demotion targets).", |_, c| c.unknown_frees as f64),
+            ("node_start_pfn", "gauge", "First pfn of the node.", |g, _| g.start_pfn as f64),
+            ("node_spanned_pages", "gauge", "Pages the node spans.", |g, _| g.spanned_pages as f64),
             (
                 "demoted_pages_total",
                 "counter",

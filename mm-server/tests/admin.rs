@@ -21,6 +21,8 @@ fn snapshot() -> Snapshot {
     s.nodes.push((
         NodeGauges {
             nid: 1,
+            start_pfn: 0x40000,
+            spanned_pages: 262144,
             capacity: 1 << 29,
             used: 1 << 20,
             reserved: 0,

@@ -65,7 +65,9 @@ fn build_guest() -> Result<PathBuf> {
 fn build_guest_profile(release: bool) -> Result<PathBuf> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", "xtask", "--bin", "mm-guest"]);
+        .args(["build", "--quiet", "-p", "xtask", "--bin", "mm-guest"])
+        // The guest runs the real daemon too.
+        .args(["-p", "mm-server", "--bin", "mm-server"]);
     if release {
         cmd.arg("--release");
     }

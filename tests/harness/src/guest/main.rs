@@ -12,6 +12,7 @@ mod bench;
 mod fence;
 mod managed;
 mod node;
+mod server;
 mod sys;
 mod topology;
 mod upcall;
@@ -33,6 +34,9 @@ pub const SCENARIOS: &[&str] = &[
     "write-fence",
     "resync",
     "fault-no-server",
+    "server-e2e",
+    "server-restart",
+    "capacity-adversarial",
 ];
 
 fn run(scenario: &str) -> Result<()> {
@@ -50,6 +54,9 @@ fn run(scenario: &str) -> Result<()> {
         "write-fence" => fence::write_fence(),
         "resync" => fence::resync(),
         "fault-no-server" => fence::fault_no_server(),
+        "server-e2e" => server::e2e(),
+        "server-restart" => server::restart(),
+        "capacity-adversarial" => server::adversarial(),
         // Benchmarks (`xtask bench <name>`), not part of the test list.
         "bench-upcall" => bench::upcall(),
         "bench-fault" => bench::fault(),

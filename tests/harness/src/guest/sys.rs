@@ -139,6 +139,15 @@ pub fn check_pattern(buf: &[u8], seed: u64) -> Option<usize> {
     })
 }
 
+/// `kill(pid, sig)`.
+pub fn signal(pid: i32, sig: i32) -> Result<()> {
+    // SAFETY: kill(2) takes no pointers.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("kill({pid}, {sig})"));
+    }
+    Ok(())
+}
+
 /// Fail unless `cond`.
 pub fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond { Ok(()) } else { bail!("{}", msg()) }

@@ -1,0 +1,489 @@
+//! Scenarios of the real `mm-server` daemon on the patched kernel:
+//! `server-e2e`, `capacity-adversarial` and `server-restart`.
+//!
+//! The daemon is the binary built beside `mm-guest`, started with a config
+//! written to the guest's `/tmp`; the test waits for its systemd-style
+//! `READY=1` on a `NOTIFY_SOCKET` it binds, reads its metrics over the admin
+//! socket, and compares its books with the kernel's truth: the anonymous
+//! pages `/proc/kpageflags` reports on node 1.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mm_server::admin::AdminClient;
+use mm_server::metrics;
+
+use crate::managed::{kpageflags_truth, pages, where_are};
+use crate::sys::{self, Anon, Cgroup, PAGE_SIZE, ensure};
+
+/// The running daemon.
+pub struct MmServer {
+    child: Child,
+    name: String,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+impl MmServer {
+    /// Start `mm-server` with `[[node]]` 1 of `capacity_mib` and the given
+    /// extra node keys (e.g. watermarks); wait until it reports READY=1.
+    pub fn start(name: &str, capacity_mib: u64, node_extra: &str) -> Result<Self> {
+        let bin = std::env::current_exe()?.with_file_name("mm-server");
+        let dir = PathBuf::from("/tmp");
+        let cfg = dir.join(format!("{name}.toml"));
+        let sock = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let notify = dir.join(format!("{name}.notify"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nadmin_socket = \"{}\"\ntimeout_ms = 10000\ndrain_timeout_ms = 180000\n\n\
+                 [[node]]\nnid = 1\ncapacity_mib = {capacity_mib}\n{node_extra}\n",
+                sock.display()
+            ),
+        )?;
+        let _ = std::fs::remove_file(&notify);
+        let ready = UnixDatagram::bind(&notify).context("bind NOTIFY_SOCKET")?;
+        ready.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut child = Command::new(&bin)
+            .arg("-c")
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &notify)
+            .env("MM_SERVER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut buf = [0u8; 256];
+        loop {
+            if let Ok(n) = ready.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).contains("READY=1")
+            {
+                break;
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!(
+                    "mm-server exited before READY=1 ({st}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("mm-server sent no READY=1 in 120 s");
+            }
+        }
+        println!("{name}: mm-server {} is serving", child.id());
+        Ok(Self {
+            child,
+            name: name.to_string(),
+            sock,
+            log,
+        })
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        AdminClient::connect(&self.sock)?.metrics()
+    }
+
+    /// One sample of the metrics (`name` with its labels).
+    pub fn get(&self, name: &str) -> Result<f64> {
+        metrics::sample(&self.metrics()?, name)
+            .with_context(|| format!("mm-server reports no {name}"))
+    }
+
+    /// A node-1 sample.
+    pub fn node1(&self, name: &str) -> Result<u64> {
+        Ok(self.get(&format!("mm_server_{name}{{nid=\"1\"}}"))? as u64)
+    }
+
+    /// Wait until the books equal the kernel's truth (events are
+    /// asynchronous); returns (books, truth) of the last look.
+    pub fn settle(&self, what: &str) -> Result<(u64, u64)> {
+        let start = self.node1("node_start_pfn")?;
+        let spanned = self.node1("node_spanned_pages")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let books = self.node1("resident_pages")?;
+            let (truth, _) = kpageflags_truth(start, spanned)?;
+            if books == truth || Instant::now() > deadline {
+                println!(
+                    "{}: {what}: mm-server's books: {books} pages on node 1; /proc/kpageflags: {truth}",
+                    self.name
+                );
+                return Ok((books, truth));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no drain, the node stays managed.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        println!("{}: mm-server killed (SIGKILL)", self.name);
+        Ok(())
+    }
+
+    /// SIGTERM and wait: the drain must end with exit 0; returns the log.
+    pub fn stop(mut self) -> Result<String> {
+        let pid = self.child.id() as i32;
+        sys::signal(pid, libc::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(st) = self.child.try_wait()? {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("mm-server did not stop in 120 s after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let log = self.log();
+        ensure(status.success(), || {
+            format!("mm-server exited with {status} after SIGTERM:\n{log}")
+        })?;
+        ensure(!self.sock.exists(), || {
+            "the admin socket outlived the server".into()
+        })?;
+        println!("{}: mm-server stopped on SIGTERM: {status}", self.name);
+        Ok(log)
+    }
+}
+
+/// Ways to fill a page.
+#[derive(Clone, Copy)]
+pub enum Content {
+    /// A header and a short repeating pattern: LZ4 takes it to ~1 granule.
+    Compressible,
+    /// xorshift bytes: LZ4 cannot shrink it.
+    Random,
+}
+
+fn page_content(i: usize, seed: u64, kind: Content, out: &mut [u8]) {
+    let v = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
+    match kind {
+        Content::Compressible => {
+            out.fill((i % 251) as u8);
+            out[..8].copy_from_slice(&v.to_ne_bytes());
+        }
+        Content::Random => {
+            let mut x = v | 1;
+            for w in out.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_ne_bytes()[..w.len()]);
+            }
+        }
+    }
+}
+
+/// Write every page of `buf` (each page's first store faults if it is on
+/// node 1).
+pub fn fill(buf: &mut [u8], seed: u64, kind: Content) {
+    for (i, page) in buf.chunks_mut(PAGE_SIZE).enumerate() {
+        page_content(i, seed, kind, page);
+    }
+}
+
+/// The first page of `buf` that does not hold what [`fill`] wrote.
+pub fn check(buf: &[u8], seed: u64, kind: Content) -> Option<usize> {
+    let mut expect = vec![0u8; PAGE_SIZE];
+    buf.chunks(PAGE_SIZE).enumerate().find_map(|(i, page)| {
+        let e = &mut expect[..page.len()];
+        page_content(i, seed, kind, e);
+        (page != e).then_some(i)
+    })
+}
+
+fn intact(what: &str, mem: &Anon, seed: u64, kind: Content) -> Result<()> {
+    match check(mem.as_slice(), seed, kind) {
+        None => {
+            println!("{what}: every byte intact");
+            Ok(())
+        }
+        Some(i) => bail!("{what}: page {i} is corrupt"),
+    }
+}
+
+fn node_mib(nid: u32, key: &str) -> Result<u64> {
+    Ok(sys::node_meminfo(nid, key)? / 1024)
+}
+
+fn agree(srv: &MmServer, what: &str) -> Result<u64> {
+    let (books, truth) = srv.settle(what)?;
+    ensure(books == truth, || {
+        format!("{what}: mm-server's books ({books}) differ from the kernel's truth ({truth})")
+    })?;
+    Ok(truth)
+}
+
+// ---------------------------------------------------------------------------
+
+/// `server-e2e`: a workload 1.5x node 0 under the real mm-server.
+pub fn e2e() -> Result<()> {
+    sys::write("/sys/kernel/mm/numa/demotion_enabled", "true")?;
+    let node1_mib = node_mib(1, "MemTotal")?;
+    let srv = MmServer::start("server-e2e", node1_mib, "")?;
+    let node0_mib = node_mib(0, "MemTotal")?;
+    let len = (node0_mib as usize * 3 / 2) << 20;
+    println!(
+        "server-e2e: node 0 has {node0_mib} MiB; workload {} MiB",
+        len >> 20
+    );
+
+    let mut mem = Anon::new(len)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    let t = Instant::now();
+    fill(mem.as_mut_slice(), 0xe2e1, Content::Compressible);
+    let (n0, n1, other) = where_are(&mem)?;
+    println!(
+        "server-e2e: written in {:.1} s: {n0} pages on node 0, {n1} on node 1, {other} elsewhere",
+        t.elapsed().as_secs_f64()
+    );
+    ensure(n1 > 0, || "nothing was demoted to node 1".into())?;
+    intact("server-e2e: after demotion", &mem, 0xe2e1, Content::Compressible)?;
+    agree(&srv, "after demotion")?;
+
+    let wf0 = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")?;
+    let t = Instant::now();
+    fill(mem.as_mut_slice(), 0xe2e2, Content::Compressible);
+    let wf = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")? - wf0;
+    let (n0, n1, _) = where_are(&mem)?;
+    println!(
+        "server-e2e: rewritten in {:.1} s: {wf} WRITE_FAULT upcalls; now {n0} pages on node 0, {n1} on node 1",
+        t.elapsed().as_secs_f64()
+    );
+    ensure(wf > 0.0, || "no write fault reached mm-server".into())?;
+    intact("server-e2e: after rewriting", &mem, 0xe2e2, Content::Compressible)?;
+    let resident = agree(&srv, "after rewriting")?;
+
+    let m = srv.metrics()?;
+    let get = |k: &str| metrics::sample(&m, k).unwrap_or(f64::NAN);
+    println!(
+        "server-e2e: demoted {} pages, promoted {}, measured {}, physical use {:.1} MiB for {:.1} MiB resident (ratio {:.1}), over capacity {}",
+        get("mm_server_demoted_pages_total{nid=\"1\"}"),
+        get("mm_server_promoted_pages_total{nid=\"1\"}"),
+        get("mm_server_measured_pages_total{nid=\"1\"}"),
+        get("mm_server_physical_used_bytes{nid=\"1\"}") / f64::from(1 << 20),
+        (resident * PAGE_SIZE as u64) as f64 / f64::from(1 << 20),
+        get("mm_server_compression_ratio{nid=\"1\"}"),
+        get("mm_server_over_capacity_total{nid=\"1\"}"),
+    );
+    ensure(get("mm_server_over_capacity_total{nid=\"1\"}") == 0.0, || {
+        "accounted use exceeded capacity".into()
+    })?;
+    ensure(get("mm_server_verdict_latency_seconds_count") >= wf, || {
+        "verdict latency histogram misses verdicts".into()
+    })?;
+
+    drop(mem);
+    agree(&srv, "after the workload exited")?;
+    let log = srv.stop()?;
+    ensure(log.contains("detached"), || {
+        format!("the drain did not detach node 1:\n{log}")
+    })?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+
+/// `server-restart`: SIGKILL mid-workload, restart, RESYNC.
+pub fn restart() -> Result<()> {
+    const LEN: usize = 128 << 20;
+    let cap = node_mib(1, "MemTotal")?;
+    let a = MmServer::start("server-restart-a", cap, "")?;
+    let cg = Cgroup::enter("mm-guest-restart")?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    fill(mem.as_mut_slice(), 0x5e1, Content::Compressible);
+    for _ in 0..5 {
+        cg.reclaim(2 * LEN);
+        if where_are(&mem)?.1 == pages(LEN) {
+            break;
+        }
+    }
+    let (_, n1, _) = where_are(&mem)?;
+    println!("server-restart: {n1} pages demoted with server A");
+    ensure(n1 > pages(LEN) / 2, || format!("only {n1} pages demoted"))?;
+    agree(&a, "server A")?;
+
+    // Rewrite the first half while server A dies under it.
+    let (first, _) = mem.as_mut_slice().split_at_mut(LEN / 2);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<()> {
+        let w = s.spawn(|| {
+            for (i, page) in first.chunks_mut(PAGE_SIZE).enumerate() {
+                page_content(i, 0x5e2, Content::Compressible, page);
+            }
+            done.store(true, Ordering::Release);
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let mid = !done.load(Ordering::Acquire);
+        a.kill()?;
+        println!("server-restart: killed with the writer {} ", if mid { "mid-way" } else { "already done" });
+        w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+        Ok(())
+    })?;
+    // No server: reclaim may not demote (no credit).
+    cg.reclaim(LEN);
+
+    let b = MmServer::start("server-restart-b", cap, "")?;
+    let resynced = agree(&b, "server B after RESYNC")?;
+    ensure(resynced > 0, || "nothing left on node 1 to resync".into())?;
+    let resyncs = b.get("mm_server_resyncs_total")?;
+    println!("server-restart: server B ran {resyncs} RESYNC(s)");
+
+    // Server B manages from here: demote again, rewrite, check.
+    for _ in 0..5 {
+        cg.reclaim(2 * LEN);
+        if where_are(&mem)?.1 == pages(LEN) {
+            break;
+        }
+    }
+    agree(&b, "server B after more demotion")?;
+    let (head, tail) = mem.as_slice().split_at(LEN / 2);
+    ensure(check(head, 0x5e2, Content::Compressible).is_none(), || {
+        "first half corrupt".into()
+    })?;
+    // The second half kept its first contents (page indices restart at 0
+    // in `check`, so compare page by page with the original indices).
+    let mut expect = vec![0u8; PAGE_SIZE];
+    for (j, page) in tail.chunks(PAGE_SIZE).enumerate() {
+        page_content(pages(LEN / 2) + j, 0x5e1, Content::Compressible, &mut expect);
+        ensure(page == &expect[..], || format!("second half: page {j} corrupt"))?;
+    }
+    println!("server-restart: every byte intact");
+    drop(cg);
+
+    // SIGTERM drains: every page is evicted off node 1, then it detaches.
+    let log = b.stop()?;
+    let (n0, n1, _) = where_are(&mem)?;
+    println!("server-restart: after the drain: {n0} pages on node 0, {n1} on node 1");
+    ensure(n1 == 0 && log.contains("detached"), || {
+        format!("the drain left {n1} pages on node 1:\n{log}")
+    })?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+
+/// `capacity-adversarial`: node 1's device is half its size; pages flip
+/// between compressible and random across demotions.
+pub fn adversarial() -> Result<()> {
+    const LEN: usize = 192 << 20;
+    const ROUNDS: u64 = 2;
+    let cap_mib = node_mib(1, "MemTotal")? / 2;
+    // Low watermarks so that a workload small enough for TCG reaches them.
+    let srv = MmServer::start(
+        "capacity-adversarial",
+        cap_mib,
+        "watermarks = { low = 15, high = 30, critical = 40 }",
+    )?;
+    let cap = srv.node1("physical_capacity_bytes")?;
+    let cg = Cgroup::enter("mm-guest-adversarial")?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+
+    // Sample the accounting all along.
+    let stop = AtomicBool::new(false);
+    let samples = std::thread::scope(|s| -> Result<Vec<(u64, u64)>> {
+        let sampler = s.spawn(|| -> Result<Vec<(u64, u64)>> {
+            let mut v = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let m = srv.metrics()?;
+                let used = metrics::sample(&m, "mm_server_physical_used_bytes{nid=\"1\"}")
+                    .context("used")? as u64;
+                let reserved = metrics::sample(&m, "mm_server_physical_reserved_bytes{nid=\"1\"}")
+                    .context("reserved")? as u64;
+                v.push((used, used + reserved));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(v)
+        });
+        let work = (|| -> Result<()> {
+            for round in 0..ROUNDS {
+                let seed = 0xad0 + round;
+                fill(mem.as_mut_slice(), seed, Content::Compressible);
+                demote(&cg, &mem, &format!("round {round}: compressible"))?;
+                intact(
+                    &format!("capacity-adversarial: round {round}, compressible"),
+                    &mem,
+                    seed,
+                    Content::Compressible,
+                )?;
+                // Promote by writing, with random bytes this time.
+                fill(mem.as_mut_slice(), seed, Content::Random);
+                demote(&cg, &mem, &format!("round {round}: random"))?;
+                intact(
+                    &format!("capacity-adversarial: round {round}, random"),
+                    &mem,
+                    seed,
+                    Content::Random,
+                )?;
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Release);
+        let v = sampler
+            .join()
+            .map_err(|_| anyhow::anyhow!("sampler panicked"))??;
+        work?;
+        Ok(v)
+    })?;
+    drop(cg);
+
+    let max_used = samples.iter().map(|s| s.0).max().unwrap_or(0);
+    let max_committed = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let over = samples.iter().filter(|s| s.0 > cap).count();
+    let denials = srv.node1("credit_denials_total")?;
+    let evictions = srv.node1("evictions_total")?;
+    let over_total = srv.node1("over_capacity_total")?;
+    let max_seen = srv.node1("physical_committed_max_bytes")?;
+    println!(
+        "capacity-adversarial: capacity {} MiB; {} samples: max used {:.1} MiB, max used+reserved {:.1} MiB, {over} over capacity; \
+         server: max used+reserved {:.1} MiB, {over_total} over capacity; {denials} credit denials, {evictions} evictions",
+        cap >> 20,
+        samples.len(),
+        max_used as f64 / f64::from(1 << 20),
+        max_committed as f64 / f64::from(1 << 20),
+        max_seen as f64 / f64::from(1 << 20),
+    );
+    ensure(!samples.is_empty(), || "no samples".into())?;
+    ensure(over == 0 && over_total == 0 && max_seen <= cap, || {
+        "accounted physical use exceeded capacity".into()
+    })?;
+    ensure(denials > 0, || "no credit request was denied".into())?;
+    ensure(evictions > 0, || "nothing was evicted".into())?;
+    agree(&srv, "at the end")?;
+    drop(mem);
+    srv.stop()?;
+    Ok(())
+}
+
+/// memory.reclaim until node 1 takes no more; prints where pages are.
+fn demote(cg: &Cgroup, mem: &Anon, what: &str) -> Result<()> {
+    let mut last = usize::MAX;
+    for _ in 0..6 {
+        cg.reclaim(mem.as_slice().len() * 2);
+        let n1 = where_are(mem)?.1;
+        if n1 == last || n1 == pages(mem.as_slice().len()) {
+            break;
+        }
+        last = n1;
+    }
+    let (n0, n1, _) = where_are(mem)?;
+    println!("capacity-adversarial: {what}: {n0} pages on node 0, {n1} on node 1");
+    Ok(())
+}

@@ -14,6 +14,7 @@
 //! promote_rate_limit_mbps = 65536
 //! fast_nodes = [0]
 //! hot_window_ms = 1000        # heat halves after each window
+//! credit_chunk_pages = 4096   # least credit per DEMOTE_CREDIT request
 //!
 //! [[node]]
 //! nid = 1
@@ -107,6 +108,9 @@ fn default_drain() -> u32 {
 fn default_window() -> u32 {
     1000
 }
+fn default_chunk() -> u64 {
+    4096
+}
 fn default_granule() -> u32 {
     64
 }
@@ -165,6 +169,9 @@ pub struct PolicySection {
     /// Length of a hotness window: page heat halves at its end.
     #[serde(default = "default_window")]
     pub hot_window_ms: u32,
+    /// Least credit granted per DEMOTE_CREDIT request, pages.
+    #[serde(default = "default_chunk")]
+    pub credit_chunk_pages: u64,
 }
 
 impl Default for PolicySection {
@@ -175,6 +182,7 @@ impl Default for PolicySection {
             promote_rate_limit_mbps: default_rate(),
             fast_nodes: default_fast(),
             hot_window_ms: default_window(),
+            credit_chunk_pages: default_chunk(),
         }
     }
 }
@@ -355,6 +363,7 @@ impl Config {
             hot_threshold: self.policy.hot_threshold,
             promote_rate_limit_mbps: self.policy.promote_rate_limit_mbps,
             fast_nodes: self.policy.fast_nodes.clone(),
+            credit_chunk_pages: self.policy.credit_chunk_pages,
         }
     }
 }

@@ -26,6 +26,11 @@ pub struct PolicyConfig {
     pub promote_rate_limit_mbps: u64,
     /// Fast (non-managed) nodes in order of preference, nearest first.
     pub fast_nodes: Vec<u16>,
+    /// Least credit granted per DEMOTE_CREDIT request, pages.  The kernel
+    /// asks when a demotion finds no credit, for that one folio, and fails
+    /// demotions until the answer arrives: granting in chunks keeps
+    /// reclaim from stalling on round trips.
+    pub credit_chunk_pages: u64,
 }
 
 impl Default for PolicyConfig {
@@ -35,6 +40,7 @@ impl Default for PolicyConfig {
             hot_threshold: 2,
             promote_rate_limit_mbps: 65536,
             fast_nodes: vec![0],
+            credit_chunk_pages: 4096,
         }
     }
 }
@@ -185,11 +191,14 @@ impl Policy {
                 }
             }
             Upcall::DemoteCredit { nid, wanted_pages } => {
+                let chunk = self.cfg.credit_chunk_pages;
                 let Some(node) = self.node_mut(nid) else {
                     self.decisions.unknown_node += 1;
                     return Verdict::Deny;
                 };
-                let want = wanted_pages.min(u64::from(u32::MAX));
+                let want = wanted_pages
+                    .max(chunk)
+                    .min(u64::from(u32::MAX));
                 let got = node.grant(want);
                 if got == 0 {
                     self.decisions.deny += 1;

@@ -7,7 +7,9 @@
 //! socket, and compares its books with the kernel's truth: the anonymous
 //! pages `/proc/kpageflags` reports on node 1.
 
+use std::io::{BufRead as _, BufReader};
 use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +27,8 @@ pub struct MmServer {
     child: Child,
     name: String,
     sock: PathBuf,
-    log: PathBuf,
+    /// Its stderr, also copied to the console as it comes.
+    log: Arc<Mutex<String>>,
 }
 
 impl MmServer {
@@ -36,7 +39,6 @@ impl MmServer {
         let dir = PathBuf::from("/tmp");
         let cfg = dir.join(format!("{name}.toml"));
         let sock = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
         let notify = dir.join(format!("{name}.notify"));
         std::fs::write(
             &cfg,
@@ -56,9 +58,21 @@ impl MmServer {
             .env("MM_SERVER_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().context("mm-server stderr")?;
+        let (tag, sink) = (name.to_string(), Arc::clone(&log));
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                println!("  [{tag}] {line}");
+                let mut l = sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut buf = [0u8; 256];
         loop {
@@ -68,10 +82,7 @@ impl MmServer {
                 break;
             }
             if let Some(st) = child.try_wait()? {
-                bail!(
-                    "mm-server exited before READY=1 ({st}):\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
+                bail!("mm-server exited before READY=1 ({st})");
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -123,7 +134,10 @@ impl MmServer {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// SIGKILL: no drain, the node stays managed.
@@ -149,9 +163,11 @@ impl MmServer {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
+        // Let the stderr reader catch up with the last lines.
+        std::thread::sleep(Duration::from_millis(200));
         let log = self.log();
         ensure(status.success(), || {
-            format!("mm-server exited with {status} after SIGTERM:\n{log}")
+            format!("mm-server exited with {status} after SIGTERM")
         })?;
         ensure(!self.sock.exists(), || {
             "the admin socket outlived the server".into()
@@ -292,7 +308,7 @@ pub fn e2e() -> Result<()> {
     agree(&srv, "after the workload exited")?;
     let log = srv.stop()?;
     ensure(log.contains("detached"), || {
-        format!("the drain did not detach node 1:\n{log}")
+        "the drain did not detach node 1 (see its log above)".into()
     })?;
     Ok(())
 }
@@ -372,7 +388,7 @@ pub fn restart() -> Result<()> {
     let (n0, n1, _) = where_are(&mem)?;
     println!("server-restart: after the drain: {n0} pages on node 0, {n1} on node 1");
     ensure(n1 == 0 && log.contains("detached"), || {
-        format!("the drain left {n1} pages on node 1:\n{log}")
+        format!("the drain left {n1} pages on node 1 (see its log above)")
     })?;
     Ok(())
 }

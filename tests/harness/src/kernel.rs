@@ -208,13 +208,25 @@ pub fn ensure_base() -> Result<PathBuf> {
     Ok(cached)
 }
 
+/// How far each prefix of the series is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Compile every object the series touches (what `make` finds out of
+    /// date among them): catches compile errors and warnings in every
+    /// file the series changes, including through the headers it changes,
+    /// but not link errors.  Minutes, not a near-full rebuild per header
+    /// change.  The whole series is linked by the kernel build anyway.
+    Objects,
+    /// Link `vmlinux` for every prefix: the full check (slow).
+    Vmlinux,
+}
+
 /// Build the series one prefix at a time, to show that every patch builds
 /// on its own.  It goes from the whole series down to patch 1, so that
-/// `make` only rebuilds what each step takes away (one header change in
-/// task_struct means one near-full rebuild, not two).  Ends with the whole
+/// `make` only rebuilds what each step takes away.  Ends with the whole
 /// series applied again but not rebuilt: the cached bzImage stays valid,
 /// and the next change of the series rebuilds from there.
-pub fn series_check() -> Result<Vec<(String, bool)>> {
+pub fn series_check(depth: Depth) -> Result<Vec<(String, bool)>> {
     util::ensure_packages(PACKAGES)?;
     let series = Series::load()?;
     let version = source_version()?;
@@ -223,6 +235,15 @@ pub fn series_check() -> Result<Vec<(String, bool)>> {
     fs::create_dir_all(&kdir)?;
     let log = kdir.join("series.log");
     let _ = fs::remove_file(&log);
+    // The objects the series touches that this configuration builds.
+    let objects: BTreeSet<PathBuf> = series
+        .patches
+        .iter()
+        .flat_map(|p| patched_files(p))
+        .filter(|f| f.extension().is_some_and(|e| e == "c") && !f.starts_with("tools"))
+        .map(|f| f.with_extension("o"))
+        .filter(|o| depth == Depth::Vmlinux || tree.join(o).exists())
+        .collect();
     let mut results = Vec::new();
     for k in (1..=series.patches.len()).rev() {
         let prefix = Series {
@@ -237,7 +258,17 @@ pub fn series_check() -> Result<Vec<(String, bool)>> {
         eprintln!("xtask: building with patches 1-{k} (up to {name})");
         let ok = prepare_tree(&kdir, &tree, &prefix, &version, &log)
             .and_then(|()| configure(&tree, &prefix.fragment, &log))
-            .and_then(|()| make_target(&tree, "vmlinux", &log));
+            .and_then(|()| match depth {
+                Depth::Vmlinux => make_target(&tree, "vmlinux", &log),
+                Depth::Objects => {
+                    let objs: Vec<String> = objects
+                        .iter()
+                        .filter(|o| tree.join(o.with_extension("c")).exists())
+                        .map(|o| o.display().to_string())
+                        .collect();
+                    make_targets(&tree, &objs, &log)
+                }
+            });
         if let Err(e) = &ok {
             eprintln!("{e:#}");
         }
@@ -375,12 +406,16 @@ fn make_bzimage(tree: &Path, log: &Path) -> Result<()> {
 /// that builds and links is what "builds on its own" means) and skips
 /// compressing a bzImage nobody boots.
 fn make_target(tree: &Path, target: &str, log: &Path) -> Result<()> {
+    make_targets(tree, &[target.to_string()], log)
+}
+
+fn make_targets(tree: &Path, targets: &[String], log: &Path) -> Result<()> {
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     run_logged(
         Command::new("make")
             .current_dir(tree)
             .arg(format!("-j{jobs}"))
-            .arg(target),
+            .args(targets),
         log,
     )
 }

@@ -6,7 +6,8 @@
 //! cargo xtask vm <scenario>...   boot the patched kernel once per scenario
 //! cargo xtask kernel             build (or reuse) the patched kernel
 //! cargo xtask checkpatch         scripts/checkpatch.pl --strict on every patch
-//! cargo xtask series             build every prefix of the series (each patch builds on its own)
+//! cargo xtask series             link vmlinux for every prefix of the series (each patch builds on its own)
+//! cargo xtask series --objects   compile the series' objects for every prefix (what `xtask test` runs)
 //! cargo xtask fuzz [seconds]     run every fuzz target for a while (smoke)
 //! ```
 
@@ -40,7 +41,7 @@ fn main() {
         Some("test") => cmd_test(),
         Some("demo") => cmd_demo(),
         Some("checkpatch") => cmd_checkpatch(),
-        Some("series") => cmd_series(),
+        Some("series") => cmd_series(args.get(1).map(String::as_str) == Some("--objects")),
         Some("fuzz") => cmd_fuzz(args.get(1).map(String::as_str)),
         Some("bench") => cmd_bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
@@ -237,11 +238,22 @@ fn cmd_demo() -> Result<()> {
     }
 }
 
-fn cmd_series() -> Result<()> {
-    let results = kernel::series_check()?;
+fn cmd_series(objects: bool) -> Result<()> {
+    let depth = if objects {
+        kernel::Depth::Objects
+    } else {
+        kernel::Depth::Vmlinux
+    };
+    kernel::ensure()?;
+    let results = kernel::series_check(depth)?;
     let failed = results.iter().filter(|(_, ok)| !ok).count();
+    let what = if objects {
+        "compiles-alone"
+    } else {
+        "builds-alone"
+    };
     for (name, ok) in &results {
-        println!("{} builds-alone {name}", if *ok { "PASS" } else { "FAIL" });
+        println!("{} {what} {name}", if *ok { "PASS" } else { "FAIL" });
     }
     println!("{} passed, {failed} failed", results.len() - failed);
     if failed > 0 {
@@ -372,13 +384,13 @@ fn cmd_test() -> Result<()> {
             fail += 1;
         }
     }
-    println!("==> every patch builds on its own (series prefixes)");
+    println!("==> every patch compiles on its own (series prefixes; `cargo xtask series` links each)");
     // Build and cache the whole series first: the prefix builds then go
     // down from it, and the VM scenarios boot the cached image.
-    match kernel::ensure().and_then(|_| kernel::series_check()) {
+    match kernel::ensure().and_then(|_| kernel::series_check(kernel::Depth::Objects)) {
         Ok(results) => {
             for (name, ok) in results {
-                println!("{} builds-alone {name}", if ok { "PASS" } else { "FAIL" });
+                println!("{} compiles-alone {name}", if ok { "PASS" } else { "FAIL" });
                 if ok {
                     pass += 1;
                 } else {

@@ -308,6 +308,8 @@ impl Daemon {
         if self.last_tick.elapsed() >= TICK {
             self.last_tick = Instant::now();
             self.tick()?;
+        } else {
+            self.publish();
         }
         Ok(stop)
     }
@@ -476,7 +478,11 @@ impl Daemon {
             } => (nid, pfn, order),
             Event::Overflow { lost } => {
                 self.metrics.event_overflows += 1;
-                tracing::warn!(lost, "the kernel dropped events: resyncing");
+                if self.nodes.iter().any(|n| n.stale || n.resync_at.is_some()) {
+                    tracing::debug!(lost, "the kernel dropped more events");
+                } else {
+                    tracing::warn!(lost, "the kernel dropped events: resyncing");
+                }
                 for n in &mut self.nodes {
                     n.stale = true;
                 }
@@ -697,10 +703,9 @@ impl Daemon {
     fn publish(&mut self) {
         let nodes = (0..self.nodes.len())
             .map(|i| {
-                (
-                    NodeGauges::of(self.nodes[i].nid, self.account_ref(i)),
-                    self.nodes[i].counters.clone(),
-                )
+                let mut c = self.nodes[i].counters.clone();
+                c.measure_backlog = self.nodes[i].to_measure.len() as u64;
+                (NodeGauges::of(self.nodes[i].nid, self.account_ref(i)), c)
             })
             .collect();
         let snap = Snapshot {

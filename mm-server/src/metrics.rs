@@ -58,6 +58,8 @@ pub struct NodeCounters {
     pub max_committed: u64,
     /// Times accounted use exceeded capacity (must stay 0).
     pub over_capacity: u64,
+    /// Pages placed and not measured yet (a gauge).
+    pub measure_backlog: u64,
 }
 
 /// Gauges of one managed node, copied from its account.
@@ -232,11 +234,37 @@ impl Snapshot {
             let _ = writeln!(o, "mm_server_{name} {v}");
         }
         type Field = fn(&NodeGauges, &NodeCounters) -> f64;
-        let per_node: [(&str, &str, &str, Field); 21] = [
-            ("book_disagreements_total", "counter", "Events that contradicted the books (each starts a RESYNC).", |_, c| c.disagreements as f64),
-            ("unknown_frees_total", "counter", "Pages freed or promoted that were not in the books (failed demotion targets).", |_, c| c.unknown_frees as f64),
-            ("node_start_pfn", "gauge", "First pfn of the node.", |g, _| g.start_pfn as f64),
-            ("node_spanned_pages", "gauge", "Pages the node spans.", |g, _| g.spanned_pages as f64),
+        let per_node: [(&str, &str, &str, Field); 22] = [
+            (
+                "measure_backlog_pages",
+                "gauge",
+                "Pages placed and not measured yet (charged at the worst case).",
+                |_, c| c.measure_backlog as f64,
+            ),
+            (
+                "book_disagreements_total",
+                "counter",
+                "Events that contradicted the books (each starts a RESYNC).",
+                |_, c| c.disagreements as f64,
+            ),
+            (
+                "unknown_frees_total",
+                "counter",
+                "Pages freed or promoted that were not in the books (failed demotion targets).",
+                |_, c| c.unknown_frees as f64,
+            ),
+            (
+                "node_start_pfn",
+                "gauge",
+                "First pfn of the node.",
+                |g, _| g.start_pfn as f64,
+            ),
+            (
+                "node_spanned_pages",
+                "gauge",
+                "Pages the node spans.",
+                |g, _| g.spanned_pages as f64,
+            ),
             (
                 "demoted_pages_total",
                 "counter",

@@ -196,9 +196,7 @@ impl Policy {
                     self.decisions.unknown_node += 1;
                     return Verdict::Deny;
                 };
-                let want = wanted_pages
-                    .max(chunk)
-                    .min(u64::from(u32::MAX));
+                let want = wanted_pages.max(chunk).min(u64::from(u32::MAX));
                 let got = node.grant(want);
                 if got == 0 {
                     self.decisions.deny += 1;

@@ -384,7 +384,9 @@ fn cmd_test() -> Result<()> {
             fail += 1;
         }
     }
-    println!("==> every patch compiles on its own (series prefixes; `cargo xtask series` links each)");
+    println!(
+        "==> every patch compiles on its own (series prefixes; `cargo xtask series` links each)"
+    );
     // Build and cache the whole series first: the prefix builds then go
     // down from it, and the VM scenarios boot the cached image.
     match kernel::ensure().and_then(|_| kernel::series_check(kernel::Depth::Objects)) {

@@ -137,7 +137,10 @@ impl Vm<'_> {
             "2",
         ])
         .args(["-m", &format!("{}M", node0 + mib)])
-        .args(["-object", &format!("memory-backend-ram,id=m0,size={node0}M")])
+        .args([
+            "-object",
+            &format!("memory-backend-ram,id=m0,size={node0}M"),
+        ])
         .args(["-object", &format!("memory-backend-ram,id=m1,size={mib}M")])
         .args(["-numa", "node,nodeid=0,cpus=0-1,memdev=m0,initiator=0"])
         .args(["-numa", "node,nodeid=1,memdev=m1,initiator=0"]);

@@ -66,7 +66,7 @@ fn run(scenario: &str) -> Result<()> {
         // `xtask demo`: the topology, then the transport at work.
         "demo" => topology::show()
             .and_then(|()| upcall::demo())
-            .and_then(|()| fence::demo()),
+            .and_then(|()| server::demo()),
         other => bail!(
             "unknown scenario `{other}` (known: {})",
             SCENARIOS.join(", ")

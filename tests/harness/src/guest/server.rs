@@ -9,10 +9,10 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -68,7 +68,9 @@ impl MmServer {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 println!("  [{tag}] {line}");
-                let mut l = sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut l = sink
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 l.push_str(&line);
                 l.push('\n');
             }
@@ -111,6 +113,18 @@ impl MmServer {
     /// A node-1 sample.
     pub fn node1(&self, name: &str) -> Result<u64> {
         Ok(self.get(&format!("mm_server_{name}{{nid=\"1\"}}"))? as u64)
+    }
+
+    /// Wait until every placed page has been measured (at most 120 s).
+    pub fn measured(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.node1("measure_backlog_pages")? > 0 {
+            if Instant::now() > deadline {
+                bail!("mm-server did not measure its pages in 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     /// Wait until the books equal the kernel's truth (events are
@@ -269,7 +283,12 @@ pub fn e2e() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     ensure(n1 > 0, || "nothing was demoted to node 1".into())?;
-    intact("server-e2e: after demotion", &mem, 0xe2e1, Content::Compressible)?;
+    intact(
+        "server-e2e: after demotion",
+        &mem,
+        0xe2e1,
+        Content::Compressible,
+    )?;
     agree(&srv, "after demotion")?;
 
     let wf0 = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")?;
@@ -282,7 +301,12 @@ pub fn e2e() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     ensure(wf > 0.0, || "no write fault reached mm-server".into())?;
-    intact("server-e2e: after rewriting", &mem, 0xe2e2, Content::Compressible)?;
+    intact(
+        "server-e2e: after rewriting",
+        &mem,
+        0xe2e2,
+        Content::Compressible,
+    )?;
     let resident = agree(&srv, "after rewriting")?;
 
     let m = srv.metrics()?;
@@ -297,9 +321,10 @@ pub fn e2e() -> Result<()> {
         get("mm_server_compression_ratio{nid=\"1\"}"),
         get("mm_server_over_capacity_total{nid=\"1\"}"),
     );
-    ensure(get("mm_server_over_capacity_total{nid=\"1\"}") == 0.0, || {
-        "accounted use exceeded capacity".into()
-    })?;
+    ensure(
+        get("mm_server_over_capacity_total{nid=\"1\"}") == 0.0,
+        || "accounted use exceeded capacity".into(),
+    )?;
     ensure(get("mm_server_verdict_latency_seconds_count") >= wf, || {
         "verdict latency histogram misses verdicts".into()
     })?;
@@ -348,7 +373,10 @@ pub fn restart() -> Result<()> {
         std::thread::sleep(Duration::from_millis(1500));
         let mid = !done.load(Ordering::Acquire);
         a.kill()?;
-        println!("server-restart: killed with the writer {} ", if mid { "mid-way" } else { "already done" });
+        println!(
+            "server-restart: killed with the writer {} ",
+            if mid { "mid-way" } else { "already done" }
+        );
         w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
         Ok(())
     })?;
@@ -377,8 +405,15 @@ pub fn restart() -> Result<()> {
     // in `check`, so compare page by page with the original indices).
     let mut expect = vec![0u8; PAGE_SIZE];
     for (j, page) in tail.chunks(PAGE_SIZE).enumerate() {
-        page_content(pages(LEN / 2) + j, 0x5e1, Content::Compressible, &mut expect);
-        ensure(page == &expect[..], || format!("second half: page {j} corrupt"))?;
+        page_content(
+            pages(LEN / 2) + j,
+            0x5e1,
+            Content::Compressible,
+            &mut expect,
+        );
+        ensure(page == &expect[..], || {
+            format!("second half: page {j} corrupt")
+        })?;
     }
     println!("server-restart: every byte intact");
     drop(cg);
@@ -398,14 +433,14 @@ pub fn restart() -> Result<()> {
 /// `capacity-adversarial`: node 1's device is half its size; pages flip
 /// between compressible and random across demotions.
 pub fn adversarial() -> Result<()> {
-    const LEN: usize = 192 << 20;
+    const LEN: usize = 128 << 20;
     const ROUNDS: u64 = 2;
     let cap_mib = node_mib(1, "MemTotal")? / 2;
     // Low watermarks so that a workload small enough for TCG reaches them.
     let srv = MmServer::start(
         "capacity-adversarial",
         cap_mib,
-        "watermarks = { low = 15, high = 30, critical = 40 }",
+        "watermarks = { low = 10, high = 20, critical = 25 }",
     )?;
     let cap = srv.node1("physical_capacity_bytes")?;
     let cg = Cgroup::enter("mm-guest-adversarial")?;
@@ -501,5 +536,88 @@ fn demote(cg: &Cgroup, mem: &Anon, what: &str) -> Result<()> {
     }
     let (n0, n1, _) = where_are(mem)?;
     println!("capacity-adversarial: {what}: {n0} pages on node 0, {n1} on node 1");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+
+/// `xtask demo`: mm-server manages node 1 through a workload.
+pub fn demo() -> Result<()> {
+    const LEN: usize = 64 << 20;
+    let cap_mib = node_mib(1, "MemTotal")? / 2;
+    let srv = MmServer::start("demo", cap_mib, "")?;
+    println!(
+        "demo: mm-server manages node 1 as a compressed device of {cap_mib} MiB \
+         (half its size); watermarks 60/80/95 %"
+    );
+    let cg = Cgroup::enter("mm-guest-demo")?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    // Half text-like pages, half random ones.
+    let (text, random) = mem.as_mut_slice().split_at_mut(LEN / 2);
+    fill(text, 0xde, Content::Compressible);
+    fill(random, 0xdf, Content::Random);
+    for _ in 0..4 {
+        cg.reclaim(LEN + LEN / 2);
+    }
+    drop(cg);
+    let (n0, n1, _) = where_are(&mem)?;
+    println!("demo: memory.reclaim of 64 MiB: {n1} pages demoted to node 1, {n0} left on node 0");
+    let resident = agree(&srv, "books vs kernel")?;
+    srv.measured()?;
+    let m = srv.metrics()?;
+    let get = |k: &str| metrics::sample(&m, &format!("mm_server_{k}")).unwrap_or(f64::NAN);
+    println!(
+        "demo: mm-server measured {} pages with LZ4 through its read-only mapping: \
+         {resident} pages ({:.1} MiB) cost {:.1} MiB of device space, ratio {:.2}",
+        get("measured_pages_total{nid=\"1\"}"),
+        (resident * PAGE_SIZE as u64) as f64 / f64::from(1 << 20),
+        get("physical_used_bytes{nid=\"1\"}") / f64::from(1 << 20),
+        get("compression_ratio{nid=\"1\"}"),
+    );
+    let wf0 = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")?;
+    let t = Instant::now();
+    let (text, random) = mem.as_mut_slice().split_at_mut(LEN / 2);
+    fill(text, 0xe0, Content::Compressible);
+    fill(random, 0xe1, Content::Random);
+    let wf = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")? - wf0;
+    let (n0, n1, _) = where_are(&mem)?;
+    println!(
+        "demo: rewrote all {} pages in {:.1} s: {wf} WRITE_FAULT upcalls answered by mm-server; now {n0} on node 0, {n1} on node 1",
+        pages(LEN),
+        t.elapsed().as_secs_f64()
+    );
+    let (text, random) = mem.as_slice().split_at(LEN / 2);
+    ensure(
+        check(text, 0xe0, Content::Compressible).is_none()
+            && check(random, 0xe1, Content::Random).is_none(),
+        || "demo: data corrupted".into(),
+    )?;
+    println!("demo: every byte intact");
+    agree(&srv, "books vs kernel after the writes")?;
+    println!("demo: from `mm-server metrics` (Prometheus text over the admin socket):");
+    for l in srv.metrics()?.lines().filter(|l| {
+        !l.starts_with('#')
+            && [
+                "mm_server_upcalls_total",
+                "mm_server_verdicts_total{verdict=\"promote\"}",
+                "mm_server_verdicts_total{verdict=\"grant\"}",
+                "mm_server_demoted_pages_total",
+                "mm_server_promoted_pages_total",
+                "mm_server_physical_used_bytes",
+                "mm_server_physical_capacity_bytes",
+                "mm_server_verdict_latency_seconds_count",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+    }) {
+        println!("demo:   {l}");
+    }
+    ensure(wf > 0.0, || "demo: no write fault reached mm-server".into())?;
+    let log = srv.stop()?;
+    ensure(log.contains("detached"), || {
+        "demo: the drain did not detach node 1".into()
+    })?;
+    println!("demo: SIGTERM: mm-server evicted what was left on node 1, detached it and exited 0");
     Ok(())
 }

@@ -182,7 +182,7 @@ impl NodeMap {
             .checked_sub(self.start_pfn)
             .and_then(|i| usize::try_from(i).ok())
             .and_then(|i| i.checked_mul(PAGE_SIZE))
-            .filter(|&o| o + PAGE_SIZE <= self.len)
+            .filter(|&o| o.checked_add(PAGE_SIZE).is_some_and(|end| end <= self.len))
         else {
             return false;
         };

@@ -60,7 +60,11 @@ pub fn spawn(listener: UnixListener, snapshot: Arc<Mutex<Snapshot>>) -> io::Resu
         .spawn(move || {
             let active = Arc::new(AtomicUsize::new(0));
             for conn in listener.incoming() {
-                let Ok(mut s) = conn else { continue };
+                let Ok(mut s) = conn else {
+                    // EMFILE and the like: do not spin.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                };
                 if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                     active.fetch_sub(1, Ordering::AcqRel);
                     let _ = send(

@@ -200,6 +200,11 @@ pub struct NodeAccount {
     used: u64,
     /// Pages of credit granted and not yet placed (each reserves `worst`).
     credit: u64,
+    /// Credit taken back with an absolute SET_CREDIT that may still be in
+    /// flight in the kernel (demotions that allocated their target before
+    /// the command ran): still reserved at the worst case, consumed first
+    /// by credited placements, released after a grace period.
+    retiring: u64,
     resident: u64,
     zero_pages: u64,
     writable: u64,
@@ -224,6 +229,7 @@ impl NodeAccount {
             pages: vec![PageMeta::default(); nr_pages],
             used: 0,
             credit: 0,
+            retiring: 0,
             resident: 0,
             zero_pages: 0,
             writable: 0,
@@ -241,9 +247,32 @@ impl NodeAccount {
         self.used
     }
 
-    /// Physical bytes reserved for credit not yet used.
+    /// Physical bytes reserved for credit not yet used (live and
+    /// retiring).
     pub fn reserved(&self) -> u64 {
-        self.credit * u64::from(self.worst)
+        (self.credit + self.retiring) * u64::from(self.worst)
+    }
+
+    /// Credit being retired (see [`Self::retire`]).
+    pub fn retiring(&self) -> u64 {
+        self.retiring
+    }
+
+    /// Move all live credit to retiring, before telling the kernel an
+    /// absolute credit with SET_CREDIT: demotions already past their
+    /// allocation still arrive, and must find their reservation.  Returns
+    /// the credit retired.
+    pub fn retire(&mut self) -> u64 {
+        let c = self.credit;
+        self.retiring += c;
+        self.credit = 0;
+        c
+    }
+
+    /// Release retiring credit, a grace period after the SET_CREDIT that
+    /// replaced it completed.
+    pub fn release_retired(&mut self) {
+        self.retiring = 0;
     }
 
     /// `used + reserved`: what the invariant bounds by capacity.
@@ -272,7 +301,7 @@ impl NodeAccount {
     /// if the credit is spent on pages like those it holds.  Pressure and
     /// eviction are judged on this.
     pub fn projected(&self) -> u64 {
-        self.used + self.credit * self.expected_cost()
+        self.used + (self.credit + self.retiring) * self.expected_cost()
     }
 
     /// Pressure from [`Self::projected`] against the watermarks.
@@ -319,7 +348,7 @@ impl NodeAccount {
         let worst = u64::from(self.worst);
         let expected = self.expected_cost();
         let safe = self.geometry.capacity.saturating_sub(self.committed()) / worst;
-        let planned = high.saturating_sub(self.used + self.credit * expected) / expected;
+        let planned = high.saturating_sub(self.projected()) / expected;
         let n = want.min(safe).min(planned);
         self.credit += n;
         n
@@ -377,7 +406,13 @@ impl NodeAccount {
             self.used += u64::from(self.worst);
             self.resident += 1;
             if credited {
-                self.credit = self.credit.saturating_sub(1);
+                // Retiring credit first: those demotions started before the
+                // last SET_CREDIT.
+                if self.retiring > 0 {
+                    self.retiring -= 1;
+                } else {
+                    self.credit = self.credit.saturating_sub(1);
+                }
             }
         }
         Ok(())
@@ -559,6 +594,14 @@ impl NodeAccount {
             .filter(|m| m.state() == PageState::Measured && m.granules() == 0)
             .count() as u64;
         (used, resident, zero)
+    }
+
+    /// Whether every page of the folio at `pfn` is resident.
+    pub fn all_resident(&self, pfn: u64, order: u32) -> bool {
+        self.range(pfn, order).is_ok_and(|r| {
+            r.into_iter()
+                .all(|i| self.pages[i].state() != PageState::Empty)
+        })
     }
 
     /// The state of page `pfn` (`None` outside the node).

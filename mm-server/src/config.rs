@@ -7,6 +7,7 @@
 //! timeout_ms = 1000           # longest wait on us, 1..=60000
 //! admin_socket = "/run/mm-server.sock"
 //! drain_timeout_ms = 30000    # eviction time on SIGTERM before detaching
+//! detach_on_stop = true       # false: leave the node managed for the next server
 //!
 //! [policy]
 //! writable_budget = 0         # pages per node written in place
@@ -102,6 +103,9 @@ fn default_timeout() -> u32 {
 fn default_admin() -> PathBuf {
     PathBuf::from("/run/mm-server.sock")
 }
+fn default_true() -> bool {
+    true
+}
 fn default_drain() -> u32 {
     30_000
 }
@@ -141,6 +145,12 @@ pub struct ServerSection {
     /// isolated and fenced, for the next server to adopt).
     #[serde(default = "default_drain")]
     pub drain_timeout_ms: u32,
+    /// On SIGINT/SIGTERM, evict the nodes' pages and detach them (the
+    /// default).  `false` leaves them managed, isolated and fenced, with
+    /// their pages, for the next server to adopt: what a restart wants,
+    /// and the only way a compressed device never becomes ordinary memory.
+    #[serde(default = "default_true")]
+    pub detach_on_stop: bool,
 }
 
 impl Default for ServerSection {
@@ -151,6 +161,7 @@ impl Default for ServerSection {
             timeout_ms: default_timeout(),
             admin_socket: default_admin(),
             drain_timeout_ms: default_drain(),
+            detach_on_stop: true,
         }
     }
 }

@@ -62,6 +62,14 @@ const MEASURE_SLICE: Duration = Duration::from_millis(3);
 const MAX_EVICTIONS_IN_FLIGHT: usize = 128;
 /// Token of the signal eventfd's watch.
 const STOP_TOKEN: u32 = 0;
+/// How long credit taken back by SET_CREDIT stays reserved after the
+/// command completed: demotions that allocated their target before it ran
+/// report PLACED within this time.
+const RETIRE_GRACE: Duration = Duration::from_secs(1);
+/// How long a pfn the kernel would not evict is left alone.
+const EVICT_BACKOFF: Duration = Duration::from_secs(5);
+/// Largest RESYNC range per command (the kernel's count is an `int`).
+const MAX_RESYNC_PAGES: u64 = i32::MAX as u64;
 
 /// Why a control command was sent.
 #[derive(Debug, Clone, Copy)]
@@ -85,12 +93,25 @@ struct Managed {
     /// Next pfn a RESYNC covers; `None` when no RESYNC is running.
     resync_at: Option<u64>,
     resync_in_flight: bool,
+    /// RESYNC commands that failed in a row.
+    resync_failures: u32,
+    /// Since the last RESYNC began, until its pages are all measured.
+    settling: bool,
     /// A RESYNC must start (lost events, or the books disagreed).
     stale: bool,
     /// Pfns with a PROMOTE_PFN in flight.
     evicting: HashSet<u64>,
-    /// Pfns the kernel refused to evict during the drain.
-    refused: HashSet<u64>,
+    /// Pfns the kernel would not evict, and when to try them again.
+    refused: HashMap<u64, Instant>,
+    /// A SET_CREDIT is in flight; at most one is, so that they apply in
+    /// order (the kernel may run control commands from io-wq workers).
+    credit_in_flight: bool,
+    /// The credit to set once the one in flight completes.
+    credit_next: Option<u64>,
+    /// When the retiring credit may be released.
+    release_retired_at: Option<Instant>,
+    /// Drain: a RESYNC has been started to show the node empty.
+    drain_checked: bool,
 }
 
 impl Managed {
@@ -114,6 +135,10 @@ pub struct Daemon {
     last_cool: Instant,
     hot_window: Duration,
     draining: bool,
+    /// A second signal arrived: cut the drain short.
+    hurry: bool,
+    /// Why the loop must stop with an error.
+    fatal: Option<String>,
     ready_sent: bool,
     page: Box<[u8; PAGE_SIZE]>,
 }
@@ -222,9 +247,15 @@ impl Daemon {
                 muted: true,
                 resync_at: Some(info.start_pfn),
                 resync_in_flight: false,
+                resync_failures: 0,
+                settling: true,
                 stale: false,
                 evicting: HashSet::new(),
-                refused: HashSet::new(),
+                refused: HashMap::new(),
+                credit_in_flight: false,
+                credit_next: None,
+                release_retired_at: None,
+                drain_checked: false,
             });
         }
         let fast_nid = policy_cfg
@@ -253,6 +284,8 @@ impl Daemon {
             last_cool: epoch,
             hot_window: Duration::from_millis(u64::from(cfg.policy.hot_window_ms)),
             draining: false,
+            hurry: false,
+            fatal: None,
             ready_sent: false,
             page: Box::new([0u8; PAGE_SIZE]),
         })
@@ -284,14 +317,14 @@ impl Daemon {
     /// # Errors
     ///
     /// The transport failed or the kernel tore the server down.
-    pub fn run(&mut self, drain_timeout: Duration) -> Result<()> {
+    pub fn run(&mut self, drain_timeout: Duration, detach: bool) -> Result<()> {
         let mut stop = false;
         while !stop {
             let idle = self.nodes.iter().all(|n| n.to_measure.is_empty());
             stop = self.turn(if idle { TICK } else { Duration::ZERO })?;
         }
         tracing::info!("signal received: draining");
-        self.drain(drain_timeout)
+        self.drain(drain_timeout, detach)
     }
 
     /// One turn of the loop; `true` when a stop signal arrived.
@@ -304,6 +337,15 @@ impl Daemon {
         }
         self.t.flush()?;
         self.events()?;
+        // RESYNC goes as fast as its events are read, not at the tick.
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].resync_at.is_some() {
+                self.resync_step(i)?;
+            }
+        }
+        if let Some(why) = self.fatal.take() {
+            bail!(why);
+        }
         self.measure();
         if self.last_tick.elapsed() >= TICK {
             self.last_tick = Instant::now();
@@ -346,6 +388,11 @@ impl Daemon {
                     if result < 0 {
                         bail!("watching the signal eventfd failed: {}", os_error(result));
                     }
+                    // Two signals before we looked, or one during the
+                    // drain: hurry.
+                    if crate::sys::eventfd_clear(self.stop_fd.as_fd()) >= 2 || self.draining {
+                        self.hurry = true;
+                    }
                     return Ok(true);
                 }
             }
@@ -377,11 +424,15 @@ impl Daemon {
         }
         let now = self.now_ns();
         let v = self.policy.decide(upcall, now);
-        if let (Upcall::DemoteCredit { nid, .. }, Verdict::Deny) = (upcall, v)
-            && let Some(i) = self.node_index(*nid)
+        if let Upcall::DemoteCredit { nid, .. } = *upcall
+            && let Some(i) = self.node_index(nid)
         {
-            self.nodes[i].muted = true;
-            self.nodes[i].counters.denials += 1;
+            if v == Verdict::Deny {
+                self.nodes[i].muted = true;
+                self.nodes[i].counters.denials += 1;
+            } else {
+                self.nodes[i].muted = false;
+            }
         }
         if v == Verdict::Default {
             self.metrics.defaults += 1;
@@ -403,39 +454,67 @@ impl Daemon {
                 n.resync_in_flight = false;
                 let Some(at) = n.resync_at else { return };
                 if r > 0 {
-                    let next = at + r as u64;
-                    n.resync_at = (next < n.end_pfn()).then_some(next);
+                    // Done when the next chunk would start past the end;
+                    // the books are final once this turn's events are in
+                    // (see resync_step).
+                    n.resync_failures = 0;
+                    n.resync_at = Some((at + r as u64).min(n.end_pfn()));
                 } else if r != -libc::EAGAIN && r != -libc::EINTR {
+                    n.resync_failures += 1;
                     tracing::error!(nid = n.nid, at, "RESYNC failed: {}", os_error(r));
+                    if n.resync_failures >= 3 {
+                        self.fatal = Some(format!(
+                            "RESYNC of node {} failed 3 times ({}): the books cannot be rebuilt",
+                            n.nid,
+                            os_error(r)
+                        ));
+                    }
                     n.resync_at = None;
                     n.stale = true;
                 }
-                if n.resync_at.is_none() && !n.stale {
-                    let resident = self.account_ref(node).resident_pages();
-                    tracing::info!(nid = self.nodes[node].nid, resident, "books rebuilt");
-                }
             }
             Ctrl::SetCredit { node, pages } => {
+                let n = &mut self.nodes[node];
+                n.credit_in_flight = false;
+                n.release_retired_at = Some(Instant::now() + RETIRE_GRACE);
                 if r < 0 {
-                    tracing::error!(
-                        nid = self.nodes[node].nid,
-                        pages,
-                        "SET_CREDIT failed: {}",
-                        os_error(r)
-                    );
+                    // The kernel kept its previous credit, which the books
+                    // still reserve as retiring: keep it reserved (no
+                    // release) and let a RESYNC set things straight.
+                    n.release_retired_at = None;
+                    n.stale = true;
+                    tracing::error!(nid = n.nid, pages, "SET_CREDIT failed: {}", os_error(r));
+                }
+                if let Some(next) = n.credit_next.take()
+                    && let Err(e) = self.set_credit(node, next)
+                {
+                    self.fatal = Some(format!("SET_CREDIT: {e:#}"));
                 }
             }
             Ctrl::Evict { node, pfn } => {
+                let draining = self.draining;
                 let n = &mut self.nodes[node];
                 n.evicting.remove(&pfn);
                 if r >= 0 {
                     n.counters.evictions += 1;
+                    n.refused.remove(&pfn);
                 } else {
                     n.counters.evictions_failed += 1;
-                    if self.draining {
-                        n.refused.insert(pfn);
+                    if r == -libc::ENOENT || r == -libc::EINVAL {
+                        // No folio there, or not on a managed node: the
+                        // books are wrong.
+                        n.stale = true;
+                        tracing::warn!(nid = n.nid, pfn, "PROMOTE_PFN: {}: resyncing", os_error(r));
+                    } else {
+                        // Busy, pinned or no memory: later.
+                        let wait = if draining {
+                            Duration::from_millis(200)
+                        } else {
+                            EVICT_BACKOFF
+                        };
+                        n.refused.insert(pfn, Instant::now() + wait);
+                        tracing::debug!(nid = n.nid, pfn, "PROMOTE_PFN: {}", os_error(r));
                     }
-                    tracing::debug!(nid = n.nid, pfn, "PROMOTE_PFN: {}", os_error(r));
                 }
             }
         }
@@ -497,6 +576,12 @@ impl Daemon {
         let resyncing = self.nodes[i].resync_at.is_some();
         let r = match ev {
             Event::Placed { reason, .. } => {
+                // PLACED comes once per mapping: the second mapping of a
+                // shared folio reports it again.
+                if self.account_ref(i).all_resident(pfn, order) {
+                    self.nodes[i].counters.duplicate_placed += pages;
+                    return;
+                }
                 let credited = reason == PlaceReason::Demotion;
                 let r = self.account(i).placed(pfn, order, credited);
                 if r.is_ok() {
@@ -525,17 +610,20 @@ impl Daemon {
                 r
             }
         };
-        if let Err(e) = r {
-            // Not disagreements:
-            // - a FREED or PROMOTED page the books do not hold: the kernel
-            //   frees the target of a demotion that failed after its page
-            //   was allocated, without a PLACED;
-            // - anything while a RESYNC runs: events race with its reports.
-            // A PLACED of a page the books hold means a FREED was missed.
-            let missed_free = matches!(e, AccountError::AlreadyResident { .. });
-            if !missed_free {
+        match r {
+            Ok(()) => {}
+            // A FREED or PROMOTED page the books do not hold: the free that
+            // follows every promotion (the page already left with
+            // PROMOTED), or the target of a demotion that failed after its
+            // page was allocated (no PLACED).
+            Err(AccountError::NotResident { .. }) => {
                 self.nodes[i].counters.unknown_frees += pages;
-            } else if !resyncing {
+            }
+            // While a RESYNC runs, events race with its reports.
+            Err(_) if resyncing => {}
+            // A folio partly in the books, or a pfn outside the node as
+            // ATTACH_NODE reported it: the books are wrong.
+            Err(e) => {
                 let n = &mut self.nodes[i];
                 n.counters.disagreements += 1;
                 n.stale = true;
@@ -548,7 +636,14 @@ impl Daemon {
     fn sample(&mut self, i: usize) {
         let a = self.account_ref(i);
         let (committed, cap) = (a.committed(), a.geometry().capacity);
-        let c = &mut self.nodes[i].counters;
+        let n = &mut self.nodes[i];
+        // Pages a RESYNC reports cost the worst case until measured, which
+        // may well exceed capacity on a node of compressible pages: only
+        // measured books are judged.
+        if n.resync_at.is_some() || n.stale || n.settling {
+            return;
+        }
+        let c = &mut n.counters;
         c.max_committed = c.max_committed.max(committed);
         if committed > cap {
             c.over_capacity += 1;
@@ -575,12 +670,24 @@ impl Daemon {
                     return;
                 }
             }
+            let n = &mut self.nodes[i];
+            if n.settling && n.resync_at.is_none() && !n.stale {
+                n.settling = false;
+            }
         }
     }
 
-    /// Watermarks, credit, RESYNC progress, cooling, snapshot.
+    /// Watermarks, credit, cooling, snapshot.
     fn tick(&mut self) -> Result<()> {
+        let now = Instant::now();
         for i in 0..self.nodes.len() {
+            if let Some(at) = self.nodes[i].release_retired_at
+                && now >= at
+                && !self.nodes[i].credit_in_flight
+            {
+                self.nodes[i].release_retired_at = None;
+                self.account(i).release_retired();
+            }
             self.resync_step(i)?;
             if self.nodes[i].resync_at.is_some() {
                 continue;
@@ -589,8 +696,7 @@ impl Daemon {
             if level == Level::Critical && self.account_ref(i).credit() > 0 {
                 // Take back every page of credit: the kernel may not place
                 // another page until we are below high again.
-                let credit = self.account_ref(i).credit();
-                self.account(i).revoke(credit);
+                self.account(i).retire();
                 self.nodes[i].muted = true;
                 self.set_credit(i, 0)?;
                 tracing::warn!(
@@ -622,36 +728,58 @@ impl Daemon {
         Ok(())
     }
 
-    /// Start or continue a RESYNC of node `i`.
+    /// Start, continue or finish a RESYNC of node `i`.  Called after the
+    /// turn's events were applied, so a RESYNC whose last chunk completed
+    /// has all its reports in the books.
     fn resync_step(&mut self, i: usize) -> Result<()> {
         if self.nodes[i].stale && self.nodes[i].resync_at.is_none() {
-            // Forget the books and the credit, and ask for every page again.
+            // Forget the books, take back the credit, and ask for every
+            // page again.
             let n = &mut self.nodes[i];
             n.stale = false;
+            n.settling = true;
             n.to_measure.clear();
+            n.evicting.clear();
+            n.refused.clear();
             n.resync_at = Some(n.info.start_pfn);
-            let credit = self.account_ref(i).credit();
-            self.account(i).revoke(credit);
+            self.account(i).retire();
             self.account(i).clear();
             self.nodes[i].muted = true;
             self.set_credit(i, 0)?;
             self.metrics.resyncs += 1;
         }
         let n = &self.nodes[i];
-        if let (Some(at), false) = (n.resync_at, n.resync_in_flight) {
-            let ctrl = Control::Resync {
-                nid: u32::from(n.nid),
-                start_pfn: at,
-                nr_pages: n.end_pfn() - at,
-            };
-            self.nodes[i].resync_in_flight = true;
-            self.submit(ctrl, Ctrl::Resync { node: i })?;
+        let Some(at) = n.resync_at else {
+            return Ok(());
+        };
+        if n.resync_in_flight {
+            return Ok(());
         }
-        Ok(())
+        if at >= n.end_pfn() {
+            self.nodes[i].resync_at = None;
+            let resident = self.account_ref(i).resident_pages();
+            tracing::info!(nid = self.nodes[i].nid, resident, "books rebuilt");
+            return Ok(());
+        }
+        let ctrl = Control::Resync {
+            nid: u32::from(n.nid),
+            start_pfn: at,
+            nr_pages: (n.end_pfn() - at).min(MAX_RESYNC_PAGES),
+        };
+        self.nodes[i].resync_in_flight = true;
+        self.submit(ctrl, Ctrl::Resync { node: i })
     }
 
+    /// SET_CREDIT, one at a time per node: a later value waits for the
+    /// one in flight (and replaces any other waiting).
     fn set_credit(&mut self, i: usize, pages: u64) -> Result<()> {
-        let nid = u32::from(self.nodes[i].nid);
+        let n = &mut self.nodes[i];
+        if n.credit_in_flight {
+            n.credit_next = Some(pages);
+            return Ok(());
+        }
+        n.credit_in_flight = true;
+        let nid = u32::from(n.nid);
         self.submit(
             Control::SetCredit { nid, pages },
             Ctrl::SetCredit { node: i, pages },
@@ -659,24 +787,32 @@ impl Daemon {
     }
 
     /// Grant credit again after a DENY, once the node has room: SET_CREDIT
-    /// to what fits below the high watermark.  The books keep only the new
-    /// grant reserved (the kernel's leftover credit is replaced).
+    /// to what fits.  The kernel's leftover credit is replaced, so the
+    /// books retire theirs (still reserved for a grace period).
     fn regrant(&mut self, i: usize) -> Result<()> {
         let want = self.nodes[i].info.spanned_pages;
         let a = self.account(i);
-        let old = a.credit();
-        a.revoke(old);
+        let old = a.retire();
         let g = a.grant(want);
         if g == 0 {
-            return Ok(());
+            // No room: make sure the kernel holds nothing either.
+            return if old > 0 {
+                self.set_credit(i, 0)
+            } else {
+                Ok(())
+            };
         }
         self.nodes[i].muted = false;
         self.set_credit(i, g)
     }
 
-    /// Evict the costliest pages down to the low watermark.
+    /// Evict the costliest pages down to the low watermark.  Not while
+    /// pages wait to be measured: they are charged the worst case and
+    /// would be evicted for it (and no credit is granted above high, so
+    /// waiting costs nothing).
     fn evict(&mut self, i: usize) -> Result<()> {
-        if !self.nodes[i].evicting.is_empty() {
+        let n = &self.nodes[i];
+        if !n.evicting.is_empty() || !n.to_measure.is_empty() {
             return Ok(());
         }
         let plan = self.account_ref(i).eviction_plan();
@@ -685,11 +821,14 @@ impl Daemon {
 
     fn submit_evictions(&mut self, i: usize, pfns: Vec<u64>) -> Result<()> {
         let nid = u32::from(self.fast_nid);
+        let now = Instant::now();
+        self.nodes[i].refused.retain(|_, until| *until > now);
         for pfn in pfns {
-            if self.nodes[i].evicting.len() >= MAX_EVICTIONS_IN_FLIGHT {
+            let n = &mut self.nodes[i];
+            if n.evicting.len() >= MAX_EVICTIONS_IN_FLIGHT {
                 break;
             }
-            if !self.nodes[i].evicting.insert(pfn) {
+            if n.refused.contains_key(&pfn) || !n.evicting.insert(pfn) {
                 continue;
             }
             self.submit(
@@ -720,65 +859,75 @@ impl Daemon {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = snap;
     }
 
-    /// Revoke credit, evict every page, detach the nodes that emptied.
-    fn drain(&mut self, timeout: Duration) -> Result<()> {
+    /// Revoke credit; with `detach`, evict every page, check with a RESYNC
+    /// that the kernel reports none, and detach the nodes that emptied.
+    fn drain(&mut self, timeout: Duration, detach: bool) -> Result<()> {
         self.draining = true;
         for i in 0..self.nodes.len() {
-            let credit = self.account_ref(i).credit();
-            self.account(i).revoke(credit);
+            self.account(i).retire();
             self.set_credit(i, 0)?;
         }
-        // A second signal cuts the drain short.
-        crate::sys::eventfd_clear(self.stop_fd.as_fd());
+        // Watch for a second signal (the first one was read).
         self.t.watch(self.stop_fd.as_fd(), STOP_TOKEN)?;
         let deadline = Instant::now() + timeout;
         loop {
             let mut busy = false;
             for i in 0..self.nodes.len() {
                 let n = &self.nodes[i];
+                let in_flight = n.credit_in_flight || n.credit_next.is_some();
                 if n.resync_at.is_some() || n.stale {
-                    self.resync_step(i)?;
                     busy = true;
                     continue;
                 }
-                let left: Vec<u64> = self
-                    .account_ref(i)
-                    .resident_pfns()
-                    .filter(|p| !self.nodes[i].refused.contains(p))
-                    .collect();
-                busy |= !left.is_empty() || !self.nodes[i].evicting.is_empty();
-                self.submit_evictions(i, left)?;
+                if !detach {
+                    busy |= in_flight;
+                    continue;
+                }
+                if self.account_ref(i).resident_pages() > 0 {
+                    self.nodes[i].drain_checked = false;
+                    let left: Vec<u64> = self.account_ref(i).resident_pfns().collect();
+                    self.submit_evictions(i, left)?;
+                    busy = true;
+                } else if !n.evicting.is_empty() || in_flight {
+                    busy = true;
+                } else if !n.drain_checked {
+                    // The books say empty: ask the kernel.
+                    self.nodes[i].drain_checked = true;
+                    self.nodes[i].stale = true;
+                    busy = true;
+                }
             }
-            if !busy || Instant::now() >= deadline {
+            if !busy || self.hurry {
                 break;
             }
-            if self.turn(Duration::from_millis(10))? {
-                tracing::warn!("second signal: drain cut short");
+            if Instant::now() >= deadline {
+                tracing::warn!("drain timeout reached");
                 break;
             }
+            self.turn(Duration::from_millis(10))?;
         }
-        // Let the last events land, then detach what is empty.
-        self.turn(Duration::from_millis(10))?;
+        if self.hurry {
+            tracing::warn!("second signal: drain cut short");
+        }
         for i in 0..self.nodes.len() {
             let nid = self.nodes[i].nid;
             let resident = self.account_ref(i).resident_pages();
             let n = &self.nodes[i];
-            if n.resync_at.is_some() || n.stale {
-                // The books are being rebuilt: an empty account proves
-                // nothing, and detaching a node with pages on it would let
-                // them be written in place.
-                tracing::warn!(
+            if !detach {
+                tracing::info!(
                     nid,
-                    "drain ended while the books were being rebuilt: left managed \
-                     (isolated and fenced) for the next server to adopt"
+                    resident,
+                    "left managed (isolated and fenced) for the next server to adopt"
                 );
                 continue;
             }
-            if resident > 0 {
+            if n.resync_at.is_some() || n.stale || !n.drain_checked || resident > 0 {
+                // Detaching a node with pages on it would let them be
+                // written in place, and makes it ordinary memory.
                 tracing::warn!(
                     nid,
                     resident,
-                    "node still holds pages: left managed (isolated and fenced) \
+                    "node not shown empty: left managed (isolated and fenced) \
                      for the next server to adopt"
                 );
                 continue;
@@ -790,7 +939,7 @@ impl Daemon {
                 0,
             )?;
             match errno_of(&out) {
-                0.. => tracing::info!(nid, "detached"),
+                0.. => tracing::info!(nid, "node empty (RESYNC reports no page): detached"),
                 e => tracing::error!(nid, "DETACH_NODE failed: {}", os_error(e)),
             }
         }

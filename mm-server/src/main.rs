@@ -88,9 +88,10 @@ fn serve(cfg: &Config) -> Result<()> {
          or raise RLIMIT_MEMLOCK",
     )?;
     admin::spawn(listener, snapshot).context("cannot start the admin socket thread")?;
-    daemon.run(Duration::from_millis(u64::from(
-        cfg.server.drain_timeout_ms,
-    )))?;
+    daemon.run(
+        Duration::from_millis(u64::from(cfg.server.drain_timeout_ms)),
+        cfg.server.detach_on_stop,
+    )?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -60,6 +60,9 @@ pub struct NodeCounters {
     pub over_capacity: u64,
     /// Pages placed and not measured yet (a gauge).
     pub measure_backlog: u64,
+    /// PLACED events for folios the books already hold (one per extra
+    /// mapping of a shared folio).
+    pub duplicate_placed: u64,
 }
 
 /// Gauges of one managed node, copied from its account.
@@ -234,7 +237,7 @@ impl Snapshot {
             let _ = writeln!(o, "mm_server_{name} {v}");
         }
         type Field = fn(&NodeGauges, &NodeCounters) -> f64;
-        let per_node: [(&str, &str, &str, Field); 22] = [
+        let per_node: [(&str, &str, &str, Field); 23] = [
             (
                 "measure_backlog_pages",
                 "gauge",
@@ -250,8 +253,14 @@ impl Snapshot {
             (
                 "unknown_frees_total",
                 "counter",
-                "Pages freed or promoted that were not in the books (failed demotion targets).",
+                "Pages FREED or PROMOTED that were not in the books (the free after each promotion, targets of failed demotions).",
                 |_, c| c.unknown_frees as f64,
+            ),
+            (
+                "duplicate_placed_pages_total",
+                "counter",
+                "PLACED pages the books already held (extra mappings of shared folios).",
+                |_, c| c.duplicate_placed as f64,
             ),
             (
                 "node_start_pfn",

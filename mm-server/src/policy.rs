@@ -156,10 +156,13 @@ impl Policy {
             Upcall::WriteFault(ref f) => {
                 let budget = self.cfg.writable_budget;
                 let target = self.target(f);
-                let allowed = self
-                    .node_mut(f.nid)
-                    .and_then(|n| n.allow_in_place(f.pfn, budget).ok())
-                    .unwrap_or(false);
+                // A PMD-mapped THP would become writable as a whole; the
+                // budget is counted in base pages, so THPs always promote.
+                let allowed = !f.thp
+                    && self
+                        .node_mut(f.nid)
+                        .and_then(|n| n.allow_in_place(f.pfn, budget).ok())
+                        .unwrap_or(false);
                 if allowed {
                     self.decisions.in_place += 1;
                     Verdict::AllowInPlace

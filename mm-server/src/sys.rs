@@ -32,11 +32,13 @@ pub fn eventfd_signal(fd: BorrowedFd<'_>) {
 }
 
 /// Reset an eventfd's counter to zero (so a new watch waits for a new
-/// signal).
-pub fn eventfd_clear(fd: BorrowedFd<'_>) {
+/// signal); returns the count it had.
+pub fn eventfd_clear(fd: BorrowedFd<'_>) -> u64 {
     let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64; EAGAIN (already zero) is fine.
+    // SAFETY: reads 8 bytes into a live u64; EAGAIN (already zero) leaves
+    // it 0.
     let _ = unsafe { libc::read(fd.as_raw_fd(), (&raw mut v).cast(), 8) };
+    v
 }
 
 /// Lock every current and future page of the process in memory, so the

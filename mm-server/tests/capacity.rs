@@ -28,6 +28,10 @@ enum Op {
     Leave(usize),
     Allow(usize),
     Evict,
+    /// SET_CREDIT: live credit becomes retiring.
+    Retire,
+    /// The grace period after it ended.
+    Release,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -39,6 +43,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0..PAGES).prop_map(Op::Leave),
         (0..PAGES).prop_map(Op::Allow),
         Just(Op::Evict),
+        Just(Op::Retire),
+        Just(Op::Release),
     ]
 }
 
@@ -48,6 +54,7 @@ struct Model {
     pages: BTreeMap<u64, Option<u32>>, // None: unmeasured or writable
     writable: BTreeMap<u64, ()>,
     credit: u64,
+    retiring: u64,
 }
 
 impl Model {
@@ -88,10 +95,15 @@ proptest! {
                 }
                 Op::Place(i) => {
                     let pfn = START + i as u64;
-                    // The kernel places only with credit.
-                    if model.credit > 0 && !model.pages.contains_key(&pfn) {
+                    // The kernel places only with credit (retiring credit
+                    // is what in-flight demotions already took).
+                    if model.credit + model.retiring > 0 && !model.pages.contains_key(&pfn) {
                         acct.placed(pfn, 0, true).unwrap();
-                        model.credit -= 1;
+                        if model.retiring > 0 {
+                            model.retiring -= 1;
+                        } else {
+                            model.credit -= 1;
+                        }
                         model.pages.insert(pfn, None);
                     } else if model.pages.contains_key(&pfn) {
                         prop_assert_eq!(acct.placed(pfn, 0, true), Err(AccountError::AlreadyResident { pfn }));
@@ -140,11 +152,23 @@ proptest! {
                     prop_assert!(!pressured || acct.used() <= low,
                         "used {} > low {low} after eviction", acct.used());
                 }
+                Op::Retire => {
+                    prop_assert_eq!(acct.retire(), model.credit);
+                    model.retiring += model.credit;
+                    model.credit = 0;
+                }
+                Op::Release => {
+                    // In the daemon, only after the in-flight demotions
+                    // have landed: the model drops what is left.
+                    acct.release_retired();
+                    model.retiring = 0;
+                }
             }
             prop_assert!(acct.committed() <= g.capacity,
                 "committed {} > capacity {}", acct.committed(), g.capacity);
             prop_assert_eq!(acct.used(), model.used(&g));
             prop_assert_eq!(acct.credit(), model.credit);
+            prop_assert_eq!(acct.retiring(), model.retiring);
             let (used, resident, zero) = acct.recount();
             prop_assert_eq!(used, acct.used());
             prop_assert_eq!(resident, acct.resident_pages());
@@ -330,4 +354,31 @@ fn compressible_pages_earn_credit_beyond_the_worst_case() {
     assert!(placed > 4000, "only {placed} pages fit");
     assert!(acct.used() <= g.capacity * 80 / 100);
     assert_eq!(acct.expected_cost(), 64);
+}
+
+#[test]
+fn retired_credit_stays_reserved_until_released() {
+    let g = geometry(100);
+    let mut acct = NodeAccount::new(g, START, PAGES).unwrap();
+    let first = acct.grant(10);
+    assert_eq!(first, 10);
+    let committed = acct.committed();
+    // SET_CREDIT 0: the kernel may still place what it took before.
+    assert_eq!(acct.retire(), 10);
+    assert_eq!(acct.credit(), 0);
+    assert_eq!(
+        acct.committed(),
+        committed,
+        "retiring credit is still reserved"
+    );
+    // A regrant counts the retiring reservation: capacity is never doubled.
+    let again = acct.grant(1000);
+    assert!(acct.committed() <= g.capacity);
+    // A late PLACED of the old credit uses the retiring reservation.
+    acct.placed(START, 0, true).unwrap();
+    assert_eq!(acct.retiring(), 9);
+    assert_eq!(acct.credit(), again);
+    acct.release_retired();
+    assert_eq!(acct.retiring(), 0);
+    assert!(acct.committed() <= g.capacity);
 }

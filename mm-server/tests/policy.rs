@@ -80,6 +80,40 @@ fn writable_budget_is_honoured() {
 }
 
 #[test]
+fn a_thp_is_never_written_in_place() {
+    // A PMD write would make 512 pages writable on one page of budget.
+    let cfg = PolicyConfig {
+        writable_budget: 1024,
+        ..PolicyConfig::default()
+    };
+    let mut p = policy(cfg, 8);
+    let thp = Fault {
+        thp: true,
+        order: 9,
+        ..fault(START)
+    };
+    assert_eq!(
+        p.decide(&Upcall::WriteFault(thp), 0),
+        Verdict::Promote { nid: 0 }
+    );
+    assert_eq!(p.decisions.in_place, 0);
+}
+
+#[test]
+fn credit_requests_get_a_chunk_not_one_page() {
+    let mut p = Policy::new(PolicyConfig::default(), 0);
+    p.add_node(NID, node(1 << 16, 1 << 16));
+    let v = p.decide(
+        &Upcall::DemoteCredit {
+            nid: NID,
+            wanted_pages: 1,
+        },
+        0,
+    );
+    assert_eq!(v, Verdict::Grant { pages: 4096 });
+}
+
+#[test]
 fn hint_faults_promote_hot_pages_only() {
     let mut p = policy(PolicyConfig::default(), 8);
     let hint = |pfn| Upcall::HintFault {

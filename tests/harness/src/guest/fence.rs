@@ -167,11 +167,7 @@ pub fn isolation() -> Result<()> {
         format!("{n1} pages of a node-1 policy landed on node 1")
     })?;
 
-    let expect = |what: &str, got: i32, want: i32| -> Result<()> {
-        ensure(got == want, || format!("{what}: got {got}, want {want}"))?;
-        println!("isolation: {what}: {got} as expected");
-        Ok(())
-    };
+    let expect = |what: &str, got: i32, want: i32| sys::expect_eq("isolation", what, got, want);
     expect(
         "set_mempolicy(MPOL_BIND, node 1)",
         sys::set_mempolicy(sys::MPOL_BIND, NODE as i32),
@@ -360,11 +356,7 @@ pub fn resync() -> Result<()> {
     })?;
 
     // Error cases of the commands, then one eviction.
-    let expect = |what: &str, got: i32, want: i32| -> Result<()> {
-        ensure(got == want, || format!("{what}: got {got}, want {want}"))?;
-        println!("resync: {what}: {got} as expected");
-        Ok(())
-    };
+    let expect = |what: &str, got: i32, want: i32| sys::expect_eq("resync", what, got, want);
     expect(
         "RESYNC of 0 pages",
         b.result(&format!("raw-resync {start} 0"))?,

@@ -6,8 +6,6 @@
 //! `move_pages` may place pages there (see `isolation` for everyone else).
 #![allow(unsafe_code)]
 
-use std::fs::File;
-use std::io::{Read as _, Seek as _, SeekFrom};
 use std::os::fd::AsRawFd as _;
 
 use anyhow::{Context, Result, bail};
@@ -41,27 +39,7 @@ fn simple(t: &mut Transport, c: Control) -> Result<i32> {
 }
 
 fn expect(what: &str, got: i32, want: i32) -> Result<()> {
-    ensure(got == want, || format!("{what}: got {got}, want {want}"))?;
-    println!("node-mmap: {what}: {got} as expected");
-    Ok(())
-}
-
-/// The PFN behind each page of `mem` (`/proc/self/pagemap`, root only).
-fn pfns(mem: &Anon) -> Result<Vec<u64>> {
-    let mut f = File::open("/proc/self/pagemap").context("open pagemap")?;
-    let n = mem.as_slice().len() / PAGE_SIZE;
-    f.seek(SeekFrom::Start((mem.addr() / PAGE_SIZE * 8) as u64))?;
-    let mut buf = vec![0u8; n * 8];
-    f.read_exact(&mut buf)?;
-    buf.chunks(8)
-        .map(|c| {
-            let v = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
-            if v & (1 << 63) == 0 {
-                bail!("page not present");
-            }
-            Ok(v & ((1 << 55) - 1))
-        })
-        .collect()
+    sys::expect_eq("node-mmap", what, got, want)
 }
 
 /// Move every page of `mem` to `node`.
@@ -142,7 +120,7 @@ pub fn run() -> Result<()> {
     let mut mem = Anon::new(len)?;
     sys::fill_pattern(mem.as_mut_slice(), 0xc0ffee);
     move_to(&mem, 1)?;
-    let pfns = pfns(&mem)?;
+    let pfns = sys::pfns(&mem)?;
     let map_len = info.spanned_pages as usize * PAGE_SIZE;
     let fd = t.device().as_raw_fd();
     // SAFETY: a writable shared mapping request, which the kernel must refuse.

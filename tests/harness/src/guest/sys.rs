@@ -148,6 +148,13 @@ pub fn signal(pid: i32, sig: i32) -> Result<()> {
     Ok(())
 }
 
+/// Fail unless `got == want`; print it under `scenario` when it holds.
+pub fn expect_eq(scenario: &str, what: &str, got: i32, want: i32) -> Result<()> {
+    ensure(got == want, || format!("{what}: got {got}, want {want}"))?;
+    println!("{scenario}: {what}: {got} as expected");
+    Ok(())
+}
+
 /// Fail unless `cond`.
 pub fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond { Ok(()) } else { bail!("{}", msg()) }

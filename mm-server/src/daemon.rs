@@ -130,6 +130,8 @@ pub struct Daemon {
     stop_fd: OwnedFd,
     ctrl: HashMap<usize, Ctrl>,
     fast_nid: u16,
+    /// Unmanaged nodes promotions may go to (checked for free memory).
+    fast_nodes: Vec<u16>,
     epoch: Instant,
     last_tick: Instant,
     last_cool: Instant,
@@ -182,6 +184,33 @@ fn open(cfg: &Config) -> Result<Transport> {
             Err(e) => return Err(e).context(format!("cannot open {}", tcfg.path)),
         }
     }
+}
+
+/// The nodes among `nids` whose free memory is under 2 % of their total
+/// (`/sys/devices/system/node/node<N>/meminfo`); unreadable ones are not
+/// reported short.
+fn low_on_memory(nids: &[u16]) -> Vec<u16> {
+    let kb = |text: &str, key: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(key))?
+            .split_whitespace()
+            .nth(3)?
+            .parse()
+            .ok()
+    };
+    nids.iter()
+        .copied()
+        .filter(|n| {
+            let path = format!("/sys/devices/system/node/node{n}/meminfo");
+            let Ok(text) = std::fs::read_to_string(path) else {
+                return false;
+            };
+            matches!(
+                (kb(&text, "MemFree:"), kb(&text, "MemTotal:")),
+                (Some(free), Some(total)) if free * 50 < total
+            )
+        })
+        .collect()
 }
 
 fn attach(t: &mut Transport, nid: u16) -> Result<NodeInfo> {
@@ -279,6 +308,12 @@ impl Daemon {
             stop_fd,
             ctrl: HashMap::new(),
             fast_nid,
+            fast_nodes: policy_cfg
+                .fast_nodes
+                .iter()
+                .copied()
+                .filter(|&f| cfg.node.iter().all(|n| n.nid != f))
+                .collect(),
             epoch,
             last_tick: epoch,
             last_cool: epoch,
@@ -710,6 +745,8 @@ impl Daemon {
                 self.regrant(i)?;
             }
         }
+        self.policy
+            .set_low_on_memory(low_on_memory(&self.fast_nodes));
         if self.last_cool.elapsed() >= self.hot_window {
             self.last_cool = Instant::now();
             for i in 0..self.nodes.len() {

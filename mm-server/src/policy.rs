@@ -99,6 +99,8 @@ pub struct Policy {
     /// Indexed by node id; `None` for nodes that are not managed.
     nodes: Vec<Option<NodeAccount>>,
     rate: RateLimit,
+    /// Nodes known to be short of free memory (see [`Policy::set_low_on_memory`]).
+    low_on_memory: Vec<u16>,
     pub decisions: Decisions,
 }
 
@@ -108,6 +110,7 @@ impl Policy {
             rate: RateLimit::new(cfg.promote_rate_limit_mbps, now_ns),
             cfg,
             nodes: Vec::new(),
+            low_on_memory: Vec::new(),
             decisions: Decisions::default(),
         }
     }
@@ -135,17 +138,25 @@ impl Policy {
         self.node(nid).is_some()
     }
 
-    /// Nearest fast node: the faulting CPU's node unless it is managed,
-    /// else the first configured fast node.
+    /// Which fast nodes are short of free memory now (the daemon reads
+    /// their free memory on its tick).
+    pub fn set_low_on_memory(&mut self, nids: Vec<u16>) {
+        self.low_on_memory = nids;
+    }
+
+    /// Nearest fast node with free memory: the faulting CPU's node unless
+    /// it is managed or short, else the first configured fast node that is
+    /// not; when all are short, the nearest anyway (the kernel then copies
+    /// the page instead of migrating it).
     fn target(&self, f: &Fault) -> u16 {
-        if !self.is_managed(f.cpu_nid) {
-            return f.cpu_nid;
-        }
-        self.cfg
-            .fast_nodes
-            .iter()
-            .copied()
-            .find(|&n| !self.is_managed(n))
+        let fast = |n: &u16| !self.is_managed(*n);
+        let mut candidates = std::iter::once(f.cpu_nid)
+            .chain(self.cfg.fast_nodes.iter().copied())
+            .filter(fast);
+        let first = candidates.clone().next();
+        candidates
+            .find(|n| !self.low_on_memory.contains(n))
+            .or(first)
             .unwrap_or(0)
     }
 

@@ -80,6 +80,23 @@ fn writable_budget_is_honoured() {
 }
 
 #[test]
+fn promotion_goes_to_a_fast_node_with_free_memory() {
+    let cfg = PolicyConfig {
+        fast_nodes: vec![0, 2],
+        ..PolicyConfig::default()
+    };
+    let mut p = policy(cfg, 8);
+    let wf = |p: &mut Policy| p.decide(&Upcall::WriteFault(fault(START)), 0);
+    assert_eq!(wf(&mut p), Verdict::Promote { nid: 0 });
+    // The faulting CPU's node is short: the next fast node.
+    p.set_low_on_memory(vec![0]);
+    assert_eq!(wf(&mut p), Verdict::Promote { nid: 2 });
+    // All short: the nearest anyway.
+    p.set_low_on_memory(vec![0, 2]);
+    assert_eq!(wf(&mut p), Verdict::Promote { nid: 0 });
+}
+
+#[test]
 fn a_thp_is_never_written_in_place() {
     // A PMD write would make 512 pages writable on one page of budget.
     let cfg = PolicyConfig {

@@ -557,6 +557,18 @@ impl NodeAccount {
         if self.level() == Level::Normal {
             return Vec::new();
         }
+        self.plan_to_low()
+    }
+
+    /// Whether [`Self::projected`] is above the low watermark (an eviction
+    /// that started above high goes on until it is not).
+    pub fn above_low(&self) -> bool {
+        self.projected() > self.geometry.mark(self.geometry.low)
+    }
+
+    /// The pages to evict to bring [`Self::projected`] below the low
+    /// watermark, whatever the level (empty when already below).
+    pub fn plan_to_low(&self) -> Vec<u64> {
         let low = self.geometry.mark(self.geometry.low);
         let mut need = self.projected().saturating_sub(low);
         let mut cands: Vec<(u64, u8, usize)> = self

@@ -66,6 +66,8 @@ const STOP_TOKEN: u32 = 0;
 /// command completed: demotions that allocated their target before it ran
 /// report PLACED within this time.
 const RETIRE_GRACE: Duration = Duration::from_secs(1);
+/// How long eviction waits for the measurement backlog.
+const EVICT_PATIENCE: Duration = Duration::from_secs(1);
 /// How long a pfn the kernel would not evict is left alone.
 const EVICT_BACKOFF: Duration = Duration::from_secs(5);
 /// Largest RESYNC range per command (the kernel's count is an `int`).
@@ -112,6 +114,10 @@ struct Managed {
     release_retired_at: Option<Instant>,
     /// Drain: a RESYNC has been started to show the node empty.
     drain_checked: bool,
+    /// Since when an eviction has waited for the measurement backlog.
+    evict_waiting_since: Option<Instant>,
+    /// Evictions are under way (for logging the start and end only).
+    evicting_episode: bool,
 }
 
 impl Managed {
@@ -285,6 +291,8 @@ impl Daemon {
                 credit_next: None,
                 release_retired_at: None,
                 drain_checked: false,
+                evict_waiting_since: None,
+                evicting_episode: false,
             });
         }
         let fast_nid = policy_cfg
@@ -447,10 +455,11 @@ impl Daemon {
                 self.policy.decisions.unknown_node += 1;
                 return Verdict::Deny;
             };
-            // Nothing is granted while the books are being rebuilt or the
-            // server is draining; SET_CREDIT grants again later.
+            // Nothing is granted while the books are being rebuilt, an
+            // eviction runs or the server is draining; SET_CREDIT grants
+            // again later.
             let n = &self.nodes[i];
-            if self.draining || n.resync_at.is_some() || n.stale {
+            if self.draining || n.resync_at.is_some() || n.stale || n.evicting_episode {
                 self.policy.decisions.deny += 1;
                 self.nodes[i].muted = true;
                 self.nodes[i].counters.denials += 1;
@@ -535,21 +544,21 @@ impl Daemon {
                     n.refused.remove(&pfn);
                 } else {
                     n.counters.evictions_failed += 1;
-                    if r == -libc::ENOENT || r == -libc::EINVAL {
-                        // No folio there, or not on a managed node: the
-                        // books are wrong.
+                    // ENOENT: no anonymous folio there now (freed or
+                    // promoted meanwhile: its event is on the way); EBUSY,
+                    // EAGAIN, ENOMEM, EINVAL: the migration failed (busy,
+                    // pinned, no room).  Leave the pfn alone for a while.
+                    // Draining needs exact books: there, ENOENT resyncs.
+                    if draining && r == -libc::ENOENT {
                         n.stale = true;
-                        tracing::warn!(nid = n.nid, pfn, "PROMOTE_PFN: {}: resyncing", os_error(r));
-                    } else {
-                        // Busy, pinned or no memory: later.
-                        let wait = if draining {
-                            Duration::from_millis(200)
-                        } else {
-                            EVICT_BACKOFF
-                        };
-                        n.refused.insert(pfn, Instant::now() + wait);
-                        tracing::debug!(nid = n.nid, pfn, "PROMOTE_PFN: {}", os_error(r));
                     }
+                    let wait = if draining {
+                        Duration::from_millis(200)
+                    } else {
+                        EVICT_BACKOFF
+                    };
+                    n.refused.insert(pfn, Instant::now() + wait);
+                    tracing::debug!(nid = n.nid, pfn, "PROMOTE_PFN: {}", os_error(r));
                 }
             }
         }
@@ -739,9 +748,24 @@ impl Daemon {
                     "critical watermark: credit revoked"
                 );
             }
-            if level >= Level::High {
+            // Above high, evict; once started, go on down to low (no
+            // credit is granted meanwhile), so that the node does not
+            // hover at high, evicting and refilling.
+            if level >= Level::High
+                || (self.nodes[i].evicting_episode && self.account_ref(i).above_low())
+            {
                 self.evict(i)?;
-            } else if self.nodes[i].muted && !self.draining {
+                continue;
+            }
+            if std::mem::take(&mut self.nodes[i].evicting_episode) {
+                tracing::info!(
+                    nid = self.nodes[i].nid,
+                    used_mib = self.account_ref(i).used() >> 20,
+                    evictions = self.nodes[i].counters.evictions,
+                    "below the low watermark: eviction done, credit again"
+                );
+            }
+            if self.nodes[i].muted && !self.draining {
                 self.regrant(i)?;
             }
         }
@@ -843,16 +867,37 @@ impl Daemon {
         self.set_credit(i, g)
     }
 
-    /// Evict the costliest pages down to the low watermark.  Not while
-    /// pages wait to be measured: they are charged the worst case and
-    /// would be evicted for it (and no credit is granted above high, so
-    /// waiting costs nothing).
+    /// Evict the costliest pages down to the low watermark.  While pages
+    /// wait to be measured, wait up to [`EVICT_PATIENCE`]: they are charged
+    /// the worst case and may turn out cheap (after a RESYNC, all of them
+    /// do).  No credit is granted above high meanwhile.  A backlog that
+    /// persists (pages arriving as fast as they are measured) does not
+    /// hold eviction off longer.
     fn evict(&mut self, i: usize) -> Result<()> {
-        let n = &self.nodes[i];
-        if !n.evicting.is_empty() || !n.to_measure.is_empty() {
+        let n = &mut self.nodes[i];
+        if !n.evicting.is_empty() {
             return Ok(());
         }
-        let plan = self.account_ref(i).eviction_plan();
+        if n.to_measure.is_empty() {
+            n.evict_waiting_since = None;
+        } else {
+            let since = *n.evict_waiting_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < EVICT_PATIENCE {
+                return Ok(());
+            }
+        }
+        let plan = self.account_ref(i).plan_to_low();
+        let episode = !plan.is_empty();
+        if episode && !std::mem::replace(&mut self.nodes[i].evicting_episode, true) {
+            let a = self.account_ref(i);
+            tracing::info!(
+                nid = self.nodes[i].nid,
+                used_mib = a.used() >> 20,
+                projected_mib = a.projected() >> 20,
+                pages = plan.len(),
+                "above the high watermark: evicting down to the low watermark"
+            );
+        }
         self.submit_evictions(i, plan)
     }
 

@@ -382,3 +382,31 @@ fn retired_credit_stays_reserved_until_released() {
     assert_eq!(acct.retiring(), 0);
     assert!(acct.committed() <= g.capacity);
 }
+
+#[test]
+fn eviction_goes_on_from_high_down_to_low() {
+    let g = geometry(40);
+    let mut acct = NodeAccount::new(g, START, PAGES).unwrap();
+    for i in 0..36 {
+        acct.placed(START + i, 0, false).unwrap();
+        acct.measured(START + i, 4096).unwrap();
+    }
+    assert!(acct.level() >= Level::High);
+    // Evict only what takes it just under high: the level is Normal again,
+    // but an eviction that started goes on to low.
+    let high = g.capacity * u64::from(g.high) / 100;
+    let mut i = 0;
+    while acct.projected() >= high {
+        acct.left(START + i, 0).unwrap();
+        i += 1;
+    }
+    assert_eq!(acct.level(), Level::Normal);
+    assert!(acct.eviction_plan().is_empty());
+    assert!(acct.above_low());
+    let rest = acct.plan_to_low();
+    assert!(!rest.is_empty());
+    for pfn in rest {
+        acct.left(pfn, 0).unwrap();
+    }
+    assert!(!acct.above_low());
+}

@@ -439,11 +439,14 @@ pub fn adversarial() -> Result<()> {
     const LEN: usize = 128 << 20;
     const ROUNDS: u64 = 2;
     let cap_mib = node_mib(1, "MemTotal")? / 2;
-    // Low watermarks so that a workload small enough for TCG reaches them.
+    // Low watermarks, so that a workload small enough for TCG reaches
+    // them; large credit grants (64 MiB at the worst case), which the
+    // compressible pages earn and the random ones then spend.
     let srv = MmServer::start(
         "capacity-adversarial",
         cap_mib,
-        "watermarks = { low = 5, high = 10, critical = 15 }",
+        "watermarks = { low = 5, high = 10, critical = 15 }\n\n\
+         [policy]\ncredit_chunk_pages = 16384",
     )?;
     let cap = srv.node1("physical_capacity_bytes")?;
     let cg = Cgroup::enter("mm-guest-adversarial")?;
@@ -482,6 +485,18 @@ pub fn adversarial() -> Result<()> {
                 let (head, _) = mem.as_mut_slice().split_at_mut(LEN / 2);
                 fill(head, seed, Content::Random);
                 demote(&cg, &mem, &format!("round {round}: half random"))?;
+                srv.measured()?;
+                let m = srv.metrics()?;
+                let g = |k: &str| {
+                    metrics::sample(&m, &format!("mm_server_{k}{{nid=\"1\"}}")).unwrap_or(f64::NAN)
+                };
+                println!(
+                    "capacity-adversarial: round {round}: used {:.1} MiB, credit {} pages, level {}, evictions {}",
+                    g("physical_used_bytes") / f64::from(1 << 20),
+                    g("credit_pages"),
+                    g("pressure_level"),
+                    g("evictions_total"),
+                );
                 let (head, tail) = mem.as_slice().split_at(LEN / 2);
                 if let Some(i) = check(head, seed, Content::Random)
                     .or_else(|| check_at(tail, pages(LEN / 2), seed, Content::Compressible))
@@ -506,11 +521,12 @@ pub fn adversarial() -> Result<()> {
     let over = samples.iter().filter(|s| s.0 > cap).count();
     let denials = srv.node1("credit_denials_total")?;
     let evictions = srv.node1("evictions_total")?;
+    let failed = srv.node1("evictions_failed_total")?;
     let over_total = srv.node1("over_capacity_total")?;
     let max_seen = srv.node1("physical_committed_max_bytes")?;
     println!(
         "capacity-adversarial: capacity {} MiB; {} samples: max used {:.1} MiB, max used+reserved {:.1} MiB, {over} over capacity; \
-         server: max used+reserved {:.1} MiB, {over_total} over capacity; {denials} credit denials, {evictions} evictions",
+         server: max used+reserved {:.1} MiB, {over_total} over capacity; {denials} credit denials, {evictions} evictions ({failed} refused by the kernel)",
         cap >> 20,
         samples.len(),
         max_used as f64 / f64::from(1 << 20),

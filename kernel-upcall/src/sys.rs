@@ -12,6 +12,29 @@ use zerocopy::FromBytes;
 
 use crate::Error;
 
+/// A new shared read-only mapping of `len` bytes of the device at `offset`.
+fn map_read_only(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<NonNull<u8>> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a new mapping at an address the kernel chooses, aliasing
+    // nothing; the kernel validates offset, length and protection.  The
+    // result is checked for MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast()).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))
+}
+
 /// A queue's descriptor array, mapped read-only from the device.
 #[derive(Debug)]
 pub struct DescMap {
@@ -35,29 +58,8 @@ impl DescMap {
     pub fn map(fd: BorrowedFd<'_>, q_id: u16, depth: u16) -> Result<Self, Error> {
         let page = 4096;
         let len = (usize::from(depth) * DESC_SIZE).div_ceil(page) * page;
-        let offset = raw::desc_offset(q_id);
-        // SAFETY: a new shared read-only mapping of the device; the kernel
-        // validates offset and length.  The result is checked for MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::Mmap {
-                q_id,
-                source: io::Error::last_os_error(),
-            });
-        }
-        let ptr = NonNull::new(p.cast()).ok_or(Error::Mmap {
-            q_id,
-            source: io::Error::from_raw_os_error(libc::EFAULT),
-        })?;
+        let ptr = map_read_only(fd, len, raw::desc_offset(q_id))
+            .map_err(|source| Error::Mmap { q_id, source })?;
         Ok(Self { ptr, len, depth })
     }
 
@@ -149,23 +151,7 @@ impl NodeMap {
             .and_then(|n| n.checked_mul(PAGE_SIZE))
             .filter(|&n| n > 0)
             .ok_or_else(|| fail(io::Error::from_raw_os_error(libc::EINVAL)))?;
-        // SAFETY: a new shared read-only mapping of the device; the kernel
-        // checks offset, length and protection.  MAP_FAILED is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                info.mmap_offset as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(fail(io::Error::last_os_error()));
-        }
-        let ptr = NonNull::new(p.cast())
-            .ok_or_else(|| fail(io::Error::from_raw_os_error(libc::EFAULT)))?;
+        let ptr = map_read_only(fd, len, info.mmap_offset).map_err(fail)?;
         Ok(Self {
             ptr,
             len,

@@ -222,13 +222,8 @@ fn page_content(i: usize, seed: u64, kind: Content, out: &mut [u8]) {
 /// Write every page of `buf` (each page's first store faults if it is on
 /// node 1).
 pub fn fill(buf: &mut [u8], seed: u64, kind: Content) {
-    fill_at(buf, 0, seed, kind);
-}
-
-/// As [`fill`], for pages numbered from `first`.
-pub fn fill_at(buf: &mut [u8], first: usize, seed: u64, kind: Content) {
     for (i, page) in buf.chunks_mut(PAGE_SIZE).enumerate() {
-        page_content(first + i, seed, kind, page);
+        page_content(i, seed, kind, page);
     }
 }
 

@@ -241,11 +241,78 @@ impl Vm<'_> {
                 console.display()
             )),
         };
+        // A scenario that passed still fails on a kernel splat.
+        let outcome = match (outcome, splats(&console)) {
+            (o, s) if s.is_empty() => o,
+            (Outcome::Pass, s) => Outcome::Fail(format!(
+                "the kernel log shows {} splat line(s):\n{}",
+                s.len(),
+                s.join("\n")
+            )),
+            (Outcome::Fail(why), s) => Outcome::Fail(format!(
+                "{why}; and the kernel log shows {} splat line(s):\n{}",
+                s.len(),
+                s.join("\n")
+            )),
+        };
         if let Outcome::Fail(_) = outcome {
             show_tail(&console);
         }
         Ok(outcome)
     }
+}
+
+/// What in a kernel log line means the kernel found itself wrong.
+const SPLATS: &[&str] = &[
+    "WARNING:",
+    "BUG:",
+    "Oops",
+    "general protection fault",
+    "Kernel panic",
+    "soft lockup",
+    "hard LOCKUP",
+    "rcu_sched self-detected stall",
+    "rcu_preempt self-detected stall",
+    "rcu: INFO:",
+    "detected stall",
+    "blocked for more than",
+    "KASAN:",
+    "UBSAN:",
+    "possible circular locking",
+    "possible recursive locking",
+    "inconsistent lock state",
+    "suspicious RCU usage",
+    "lockdep",
+    "list_add corruption",
+    "list_del corruption",
+    "sleeping function called from invalid context",
+    "scheduling while atomic",
+    "Bad page",
+    "page dumped because",
+];
+
+/// The kernel's splat lines in a console log, each with the next few
+/// lines of its report: only kernel lines (`[ seconds] ...`) count, so
+/// that a scenario printing these words does not trip it.
+pub fn splats(console: &Path) -> Vec<String> {
+    let text = fs::read_to_string(console).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let kernel = |l: &str| {
+        l.strip_prefix('[')
+            .and_then(|r| r.split_once("] "))
+            .is_some_and(|(t, _)| t.trim().parse::<f64>().is_ok())
+    };
+    let mut out = Vec::new();
+    let mut until = 0;
+    for (i, l) in lines.iter().enumerate() {
+        if kernel(l) && SPLATS.iter().any(|p| l.contains(p)) {
+            until = i + 6;
+        }
+        if i < until && out.len() < 60 {
+            out.push((*l).to_string());
+        }
+    }
+    out
 }
 
 /// The last line the guest program printed as `FAIL: ...` or an error.

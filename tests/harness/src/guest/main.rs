@@ -10,6 +10,7 @@
 mod bad_input;
 mod bench;
 mod fence;
+mod holes;
 mod managed;
 mod node;
 mod server;
@@ -34,6 +35,9 @@ pub const SCENARIOS: &[&str] = &[
     "write-fence",
     "resync",
     "fault-no-server",
+    "fence-holes",
+    "no-hang",
+    "isolation-paths",
     "server-e2e",
     "server-restart",
     "capacity-adversarial",
@@ -54,6 +58,9 @@ fn run(scenario: &str) -> Result<()> {
         "write-fence" => fence::write_fence(),
         "resync" => fence::resync(),
         "fault-no-server" => fence::fault_no_server(),
+        "fence-holes" => holes::fence_holes(),
+        "no-hang" => holes::no_hang(),
+        "isolation-paths" => holes::isolation_paths(),
         "server-e2e" => server::e2e(),
         "server-restart" => server::restart(),
         "capacity-adversarial" => server::adversarial(),
@@ -88,6 +95,15 @@ fn main() {
         };
         if let Err(e) = served {
             println!("mm-guest: server {mode}: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if scenario == "--helper" {
+        // A helper process of the `fence-holes` and `no-hang` scenarios.
+        let what = std::env::args().nth(2).unwrap_or_default();
+        if let Err(e) = holes::helper(&what) {
+            println!("mm-guest: helper {what}: {e:#}");
             std::process::exit(1);
         }
         return;

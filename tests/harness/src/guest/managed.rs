@@ -11,7 +11,9 @@
 //! - `stats`: counters and the books (`key=value` pairs);
 //! - `faults <tgid>`: write faults of one process: total and distinct pages;
 //! - `reset`: zero the fault counters;
-//! - `wf promote|inplace|default`: verdict for WRITE_FAULT;
+//! - `wf promote|inplace|default|hold`: verdict for WRITE_FAULT (`hold`
+//!   answers none: they wait in their slots until `release`);
+//! - `held`: how many WRITE_FAULTs are held; `release`: answer them DEFAULT;
 //! - `credit set <pages>` (SET_CREDIT), `credit mode deny|grant:<pages>`;
 //! - `move <pid> <addr> <pages> <node>`: `move_pages(2)` as the server;
 //! - `promote <pfn> <nid>`: PROMOTE_PFN;
@@ -101,6 +103,10 @@ struct State {
     books: Books,
     /// Events were lost: the books need a RESYNC.
     stale: bool,
+    /// `wf hold`: WRITE_FAULTs are not answered.
+    hold: bool,
+    /// The held WRITE_FAULTs: (slot, seq).
+    held: Vec<(u16, u32)>,
 }
 
 impl State {
@@ -254,7 +260,22 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
             st.hint_faults = 0;
             "OK".into()
         }
+        ["wf", "hold"] => {
+            st.hold = true;
+            "OK".into()
+        }
+        ["held"] => format!("OK {}", st.held.len()),
+        ["release"] => {
+            st.hold = false;
+            let n = st.held.len();
+            for (slot, seq) in st.held.drain(..) {
+                t.commit(slot, seq, Verdict::Default)?;
+            }
+            t.flush()?;
+            format!("OK {n}")
+        }
         ["wf", mode] => {
+            st.hold = false;
             st.wf_verdict = match *mode {
                 "promote" => Verdict::Promote { nid: 0 },
                 "inplace" => Verdict::AllowInPlace,
@@ -360,13 +381,18 @@ pub fn serve(args: &[String]) -> Result<()> {
         | raw::features::DEMOTE_CREDIT
         | raw::features::EVENTS
         | raw::features::NODE_MMAP;
-    if args.get(1).map(String::as_str) == Some("no-write-fault") {
+    let option = args.get(1).map_or("", String::as_str);
+    if option == "no-write-fault" {
         features &= !raw::features::WRITE_FAULT;
     }
+    let timeout_ms = match option.strip_prefix("timeout=") {
+        Some(ms) => ms.parse().context("timeout=<ms>")?,
+        None => 10_000,
+    };
     // The previous server may still be going away: retry EBUSY a while.
     let mut t = crate::upcall::open_retry(&Config {
         queue_depth: 64,
-        timeout_ms: 10_000,
+        timeout_ms,
         features,
         required: features,
         ..Config::default()
@@ -399,6 +425,8 @@ pub fn serve(args: &[String]) -> Result<()> {
         malformed: 0,
         books: Books::default(),
         stale: false,
+        hold: false,
+        held: Vec::new(),
     };
 
     let (tx, rx) = mpsc::channel::<String>();
@@ -426,6 +454,10 @@ pub fn serve(args: &[String]) -> Result<()> {
             match c {
                 Completion::Upcall { slot, request } => {
                     let v = st.decide(&request.upcall);
+                    if st.hold && matches!(request.upcall, Upcall::WriteFault(_)) {
+                        st.held.push((slot, request.seq));
+                        continue;
+                    }
                     t.commit(slot, request.seq, v)?;
                 }
                 Completion::Malformed { slot, seq, .. } => {
@@ -477,7 +509,8 @@ impl Server {
 
     /// As [`Server::start`]; `"no-write-fault"` starts a server that does
     /// not negotiate WRITE_FAULT, so that write faults take the kernel's
-    /// default (for benchmarks).
+    /// default (for benchmarks); `"timeout=<ms>"` negotiates that upcall
+    /// timeout instead of 10 s.
     pub fn start_with(credit: u64, option: &str) -> Result<Self> {
         let mut child = Command::new("/proc/self/exe")
             .args(["--serve", "managed", &credit.to_string(), option])
@@ -590,6 +623,18 @@ impl Server {
         self.child.kill()?;
         self.child.wait()?;
         Ok(())
+    }
+}
+
+impl Drop for Server {
+    /// A scenario that fails half-way must not leave its server holding
+    /// the device for the next part (after quit() or kill() this is a
+    /// no-op on a reaped child).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

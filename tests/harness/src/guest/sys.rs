@@ -174,14 +174,19 @@ pub fn neg_errno() -> i32 {
 /// `set_mempolicy(mode, {node})` (`node < 0`: empty mask); 0 or `-errno`.
 pub fn set_mempolicy(mode: i32, node: i32) -> i32 {
     let mask: libc::c_ulong = if node < 0 { 0 } else { 1 << node };
-    // SAFETY: a one-word nodemask of 64 bits, read by the kernel only.
+    // SAFETY: a one-word nodemask of 64 bits, read by the kernel only, or
+    // none (NULL, 0) for an empty mask.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_set_mempolicy,
-            mode,
-            &raw const mask,
-            if node < 0 { 0 } else { 64 },
-        )
+        if node < 0 {
+            libc::syscall(
+                libc::SYS_set_mempolicy,
+                mode,
+                std::ptr::null::<libc::c_ulong>(),
+                0,
+            )
+        } else {
+            libc::syscall(libc::SYS_set_mempolicy, mode, &raw const mask, 64)
+        }
     };
     if r < 0 { neg_errno() } else { 0 }
 }

@@ -114,11 +114,40 @@ fn cache_key(series: &Series, version: &str) -> Result<String> {
     Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Config options of the debug kernel (`cargo xtask kernel --debug`), on
+/// top of the fragment: the checkers linux-mm and syzkaller run with.
+pub const DEBUG_FRAGMENT: &str = "\
+# Debug kernel: the same series with mm's and the locking checkers.
+CONFIG_DEBUG_VM=y
+CONFIG_DEBUG_VM_PGFLAGS=y
+CONFIG_PROVE_LOCKING=y
+CONFIG_DEBUG_ATOMIC_SLEEP=y
+CONFIG_DEBUG_LIST=y
+CONFIG_KASAN=y
+CONFIG_KASAN_GENERIC=y
+CONFIG_PREEMPT=y
+# CONFIG_PREEMPT_NONE is not set
+# CONFIG_SLUB_TINY is not set
+";
+
+/// Which kernel: the test bed's, or the same series with the debug
+/// checkers (built in `target/kernel-debug/`, cached the same way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Normal,
+    Debug,
+}
+
 /// Ensure the tools exist, then return the cached kernel or build it.
 ///
 /// `MM_UPCALL_BZIMAGE=<path>` skips the build and boots that image instead
 /// (for kernel development: iterate with `make` in `target/kernel/...`).
 pub fn ensure() -> Result<Kernel> {
+    ensure_flavor(Flavor::Normal)
+}
+
+/// [`ensure`] for either flavor.
+pub fn ensure_flavor(flavor: Flavor) -> Result<Kernel> {
     util::ensure_packages(PACKAGES)?;
     if let Some(image) = std::env::var_os("MM_UPCALL_BZIMAGE") {
         eprintln!(
@@ -130,10 +159,22 @@ pub fn ensure() -> Result<Kernel> {
             tree: target_dir().join("kernel").join(TREE_NAME),
         });
     }
-    let series = Series::load()?;
+    let mut series = Series::load()?;
     let version = source_version()?;
+    let kdir = target_dir().join(match flavor {
+        Flavor::Normal => "kernel",
+        Flavor::Debug => "kernel-debug",
+    });
+    if flavor == Flavor::Debug {
+        // The fragment plus the debug options, as one fragment file.
+        fs::create_dir_all(&kdir)?;
+        let merged = kdir.join("config-fragment");
+        let base =
+            fs::read_to_string(&series.fragment).context("cannot read the config fragment")?;
+        fs::write(&merged, format!("{base}{DEBUG_FRAGMENT}"))?;
+        series.fragment = merged;
+    }
     let key = cache_key(&series, &version)?;
-    let kdir = target_dir().join("kernel");
     let tree = kdir.join(TREE_NAME);
     let cached = kdir.join("cache").join(&key).join("bzImage");
     if cached.exists() && tree.join(".config").exists() {
@@ -443,9 +484,19 @@ fn configure(tree: &Path, fragment: &Path, log: &Path) -> Result<()> {
     let missing: Vec<&str> = wanted
         .lines()
         .map(str::trim)
-        .filter(|l| l.starts_with("CONFIG_") && l.ends_with("=y"))
-        .filter(|l| !config.lines().any(|c| c == *l))
-        .map(|l| l.trim_end_matches("=y"))
+        .filter(|l| {
+            (l.starts_with("CONFIG_") && l.ends_with("=y"))
+                || (l.starts_with("# CONFIG_") && l.ends_with(" is not set"))
+        })
+        .filter(|l| {
+            if let Some(name) = l.strip_prefix("# ") {
+                let name = name.trim_end_matches(" is not set");
+                !config.lines().any(|c| c == format!("{name}=y"))
+            } else {
+                !config.lines().any(|c| c == *l)
+            }
+        })
+        .map(|l| l.trim_start_matches("# ").trim_end_matches("=y"))
         .filter(|l| !ALLOWED_UNSET.contains(l))
         .collect();
     if !missing.is_empty() {

@@ -3,8 +3,8 @@
 //! ```text
 //! cargo xtask test               fmt, clippy, unit/property/ABI tests, checkpatch, series, every VM scenario
 //! cargo xtask demo               the main job, end to end in the VM
-//! cargo xtask vm <scenario>...   boot the patched kernel once per scenario
-//! cargo xtask kernel             build (or reuse) the patched kernel
+//! cargo xtask vm [--debug] <scenario>...   boot the patched kernel once per scenario
+//! cargo xtask kernel [--debug]   build (or reuse) the patched kernel (--debug: with DEBUG_VM, lockdep, KASAN)
 //! cargo xtask checkpatch         scripts/checkpatch.pl --strict on every patch
 //! cargo xtask series             link vmlinux for every prefix of the series (each patch builds on its own)
 //! cargo xtask series --objects   compile the series' objects for every prefix (what `xtask test` runs)
@@ -30,13 +30,24 @@ use crate::vm::{Outcome, Vm};
 /// Per-boot limit; TCG is slow, and a hung guest must not hang the suite.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
 
-const USAGE: &str =
-    "usage: cargo xtask <test|demo|vm <scenario>...|kernel|checkpatch|fuzz [seconds]>";
+const USAGE: &str = "usage: cargo xtask <test|demo|vm [--debug] <scenario>...|kernel [--debug]|\
+                     checkpatch|series [--objects]|fuzz [seconds]|bench <name>>";
+
+/// `--debug` selects the debug kernel.
+fn flavor(arg: Option<&String>) -> kernel::Flavor {
+    if arg.is_some_and(|a| a == "--debug") {
+        kernel::Flavor::Debug
+    } else {
+        kernel::Flavor::Normal
+    }
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
-        Some("kernel") => kernel::ensure().map(|k| println!("{}", k.bzimage.display())),
+        Some("kernel") => {
+            kernel::ensure_flavor(flavor(args.get(1))).map(|k| println!("{}", k.bzimage.display()))
+        }
         Some("vm") => cmd_vm(&args[1..]),
         Some("test") => cmd_test(),
         Some("demo") => cmd_demo(),
@@ -87,6 +98,12 @@ fn scenarios(guest_bin: &std::path::Path) -> Result<Vec<String>> {
 /// Run scenarios, one boot each; print PASS/FAIL lines; return the counts.
 /// `None` runs every scenario.
 fn run_scenarios(names: Option<&[String]>) -> Result<(usize, usize)> {
+    run_scenarios_on(kernel::Flavor::Normal, names)
+}
+
+/// [`run_scenarios`] on either kernel; on the debug kernel the lines say
+/// `PASS --debug <scenario>` and a boot may take twice as long.
+fn run_scenarios_on(flavor: kernel::Flavor, names: Option<&[String]>) -> Result<(usize, usize)> {
     let guest_bin = build_guest()?;
     let known = scenarios(&guest_bin)?;
     let names = names.unwrap_or(&known);
@@ -95,37 +112,49 @@ fn run_scenarios(names: Option<&[String]>) -> Result<(usize, usize)> {
             bail!("unknown scenario `{n}` (known: {})", known.join(", "));
         }
     }
-    let kernel = kernel::ensure()?;
+    let kernel = kernel::ensure_flavor(flavor)?;
     let selftest = kernel::build_selftest(&kernel.tree)?;
     let env = format!("MM_SELFTEST={}", selftest.display());
+    let debug = flavor == kernel::Flavor::Debug;
     let vm = Vm {
         bzimage: &kernel.bzimage,
         guest_bin,
-        timeout: SCENARIO_TIMEOUT,
+        timeout: if debug {
+            2 * SCENARIO_TIMEOUT
+        } else {
+            SCENARIO_TIMEOUT
+        },
     };
+    let tag = if debug { "--debug " } else { "" };
     let (mut pass, mut fail) = (0, 0);
     for name in names {
         let t = Instant::now();
         match vm.run(name, &env)? {
             Outcome::Pass => {
                 pass += 1;
-                println!("PASS {name} ({:.1}s)", t.elapsed().as_secs_f64());
+                println!("PASS {tag}{name} ({:.1}s)", t.elapsed().as_secs_f64());
             }
             Outcome::Fail(why) => {
                 fail += 1;
-                println!("FAIL {name}: {why}");
+                println!("FAIL {tag}{name}: {why}");
             }
         }
     }
     Ok((pass, fail))
 }
 
-fn cmd_vm(names: &[String]) -> Result<()> {
+fn cmd_vm(args: &[String]) -> Result<()> {
+    let flavor = flavor(args.first());
+    let names = if flavor == kernel::Flavor::Debug {
+        &args[1..]
+    } else {
+        args
+    };
     if names.is_empty() {
         let known = scenarios(&build_guest()?)?;
         bail!("name at least one scenario: {}", known.join(", "));
     }
-    let (_, fail) = run_scenarios(Some(names))?;
+    let (_, fail) = run_scenarios_on(flavor, Some(names))?;
     if fail > 0 {
         std::process::exit(1);
     }

@@ -652,6 +652,7 @@ pub fn no_hang() -> Result<()> {
             ("findings 2, 5 (pinned before ATTACH)", pinned_before_attach),
             ("finding 11 (SIGSTOP while waiting)", stop_while_waiting),
             ("finding 11 (stopped server)", stopped_server),
+            ("finding 10 (hints fill the slots)", hints_fill_slots),
             ("eject under a write storm", eject),
         ],
     )
@@ -814,6 +815,66 @@ fn stopped_server() -> Result<()> {
     ensure(asked == 1, || {
         format!("after the server answered again, a store made {asked} WRITE_FAULTs, want 1")
     })?;
+    srv.quit()
+}
+
+/// Finding 10: a server that negotiated HINT_FAULT but never answers hints
+/// must not take the slots a write fault needs: with 4 slots and 8 or more
+/// hints outstanding, a store is still answered, without a timeout.
+fn hints_fill_slots() -> Result<()> {
+    const LEN: usize = 4 << 20;
+    const KNOBS: &str = "/sys/kernel/debug/sched/numa_balancing";
+    let mut srv = Server::start_with(0, "timeout=3000,depth=4")?;
+    let mem = demoted(&mut srv, LEN, 0xa1, false)?;
+    srv.cmd("hints hold")?;
+    let requests = stat("requests")?;
+    let old = sys::read("/proc/sys/kernel/numa_balancing")?;
+    sys::write("/proc/sys/kernel/numa_balancing", "2")?;
+    let _ = sys::write(&format!("{KNOBS}/scan_delay_ms"), "0");
+    let _ = sys::write(&format!("{KNOBS}/scan_period_min_ms"), "100");
+    let start = Instant::now();
+    let mut sum = 0u64;
+    let issued = loop {
+        for page in mem.as_slice().chunks(PAGE_SIZE) {
+            sum = sum.wrapping_add(u64::from(std::hint::black_box(page[8])));
+        }
+        let issued = stat("requests")? - requests;
+        if issued >= 8 || start.elapsed() > Duration::from_secs(60) {
+            break issued;
+        }
+    };
+    sys::write("/proc/sys/kernel/numa_balancing", &old)?;
+    let held = srv.stat("hint")?;
+    println!(
+        "no-hang: {issued} HINT_FAULT requests issued, {held} delivered to a server that answers \
+         none (4 slots; read sum {sum:#x})"
+    );
+    ensure(issued >= 8, || {
+        format!("only {issued} hint requests in 60 s of NUMA balancing, want 8")
+    })?;
+    let timeouts = stat("timeouts")?;
+    srv.cmd("reset")?;
+    let addr = mem.addr() + LEN / 2;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        store(addr, 1);
+        let _ = tx.send(());
+    });
+    ensure(rx.recv_timeout(HANG).is_ok(), || {
+        "the store did not return".into()
+    })?;
+    let timed_out = stat("timeouts")? - timeouts;
+    let asked = srv.faults(pid())?.0;
+    println!(
+        "no-hang: a store with the hints held: {asked} WRITE_FAULTs answered, {timed_out} timeouts"
+    );
+    ensure(asked == 1 && timed_out == 0, || {
+        format!(
+            "with unanswered hints in the slots, a store got {asked} answered WRITE_FAULTs and \
+             {timed_out} timeouts; want 1 and 0"
+        )
+    })?;
+    drop(mem);
     srv.quit()
 }
 

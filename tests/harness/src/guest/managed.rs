@@ -14,6 +14,7 @@
 //! - `wf promote|inplace|default|hold`: verdict for WRITE_FAULT (`hold`
 //!   answers none: they wait in their slots until `release`);
 //! - `held`: how many WRITE_FAULTs are held; `release`: answer them DEFAULT;
+//! - `hints hold`: never answer HINT_FAULTs from now on;
 //! - `credit set <pages>` (SET_CREDIT), `credit mode deny|grant:<pages>`;
 //! - `move <pid> <addr> <pages> <node>`: `move_pages(2)` as the server;
 //! - `promote <pfn> <nid>`: PROMOTE_PFN;
@@ -107,6 +108,9 @@ struct State {
     hold: bool,
     /// The held WRITE_FAULTs: (slot, seq).
     held: Vec<(u16, u32)>,
+    /// `hints hold`: HINT_FAULTs are never answered (they stay in their
+    /// slots until the server goes).
+    hold_hints: bool,
 }
 
 impl State {
@@ -265,6 +269,10 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
             "OK".into()
         }
         ["held"] => format!("OK {}", st.held.len()),
+        ["hints", "hold"] => {
+            st.hold_hints = true;
+            "OK".into()
+        }
         ["release"] => {
             st.hold = false;
             let n = st.held.len();
@@ -381,17 +389,21 @@ pub fn serve(args: &[String]) -> Result<()> {
         | raw::features::DEMOTE_CREDIT
         | raw::features::EVENTS
         | raw::features::NODE_MMAP;
-    let option = args.get(1).map_or("", String::as_str);
-    if option == "no-write-fault" {
-        features &= !raw::features::WRITE_FAULT;
+    let (mut timeout_ms, mut queue_depth) = (10_000, 64);
+    for option in args.get(1).map_or("", String::as_str).split(',') {
+        if option == "no-write-fault" {
+            features &= !raw::features::WRITE_FAULT;
+        } else if let Some(ms) = option.strip_prefix("timeout=") {
+            timeout_ms = ms.parse().context("timeout=<ms>")?;
+        } else if let Some(d) = option.strip_prefix("depth=") {
+            queue_depth = d.parse().context("depth=<slots>")?;
+        } else if !option.is_empty() {
+            bail!("unknown server option {option}");
+        }
     }
-    let timeout_ms = match option.strip_prefix("timeout=") {
-        Some(ms) => ms.parse().context("timeout=<ms>")?,
-        None => 10_000,
-    };
     // The previous server may still be going away: retry EBUSY a while.
     let mut t = crate::upcall::open_retry(&Config {
-        queue_depth: 64,
+        queue_depth,
         timeout_ms,
         features,
         required: features,
@@ -427,6 +439,7 @@ pub fn serve(args: &[String]) -> Result<()> {
         stale: false,
         hold: false,
         held: Vec::new(),
+        hold_hints: false,
     };
 
     let (tx, rx) = mpsc::channel::<String>();
@@ -456,6 +469,9 @@ pub fn serve(args: &[String]) -> Result<()> {
                     let v = st.decide(&request.upcall);
                     if st.hold && matches!(request.upcall, Upcall::WriteFault(_)) {
                         st.held.push((slot, request.seq));
+                        continue;
+                    }
+                    if st.hold_hints && matches!(request.upcall, Upcall::HintFault { .. }) {
                         continue;
                     }
                     t.commit(slot, request.seq, v)?;
@@ -510,7 +526,8 @@ impl Server {
     /// As [`Server::start`]; `"no-write-fault"` starts a server that does
     /// not negotiate WRITE_FAULT, so that write faults take the kernel's
     /// default (for benchmarks); `"timeout=<ms>"` negotiates that upcall
-    /// timeout instead of 10 s.
+    /// timeout instead of 10 s, `"depth=<slots>"` that many slots instead
+    /// of 64 (options separated by commas).
     pub fn start_with(credit: u64, option: &str) -> Result<Self> {
         let mut child = Command::new("/proc/self/exe")
             .args(["--serve", "managed", &credit.to_string(), option])

@@ -184,11 +184,13 @@ pub fn ensure_flavor(flavor: Flavor) -> Result<Kernel> {
             tree,
         });
     }
+    let log = kdir.join("build.log");
     eprintln!(
-        "xtask: building kernel {key} (linux-source-6.12 {version}); log in target/kernel/build.log"
+        "xtask: building kernel {key} (linux-source-6.12 {version}{}); log in {}",
+        if flavor == Flavor::Debug { ", debug" } else { "" },
+        log.display()
     );
     fs::create_dir_all(&kdir)?;
-    let log = kdir.join("build.log");
     let _ = fs::remove_file(&log);
     prepare_tree(&kdir, &tree, &series, &version, &log)?;
     configure(&tree, &series.fragment, &log)?;
@@ -491,7 +493,7 @@ fn configure(tree: &Path, fragment: &Path, log: &Path) -> Result<()> {
         .filter(|l| {
             if let Some(name) = l.strip_prefix("# ") {
                 let name = name.trim_end_matches(" is not set");
-                !config.lines().any(|c| c == format!("{name}=y"))
+                config.lines().any(|c| c == format!("{name}=y"))
             } else {
                 !config.lines().any(|c| c == *l)
             }

@@ -3,7 +3,7 @@
 //! ```text
 //! cargo xtask test               fmt, clippy, unit/property/ABI tests, checkpatch, series, every VM scenario
 //! cargo xtask demo               the main job, end to end in the VM
-//! cargo xtask vm [--debug] <scenario>...   boot the patched kernel once per scenario
+//! cargo xtask vm [--debug] <scenario>...|all   boot the patched kernel once per scenario
 //! cargo xtask kernel [--debug]   build (or reuse) the patched kernel (--debug: with DEBUG_VM, lockdep, KASAN)
 //! cargo xtask checkpatch         scripts/checkpatch.pl --strict on every patch
 //! cargo xtask series             link vmlinux for every prefix of the series (each patch builds on its own)
@@ -124,6 +124,7 @@ fn run_scenarios_on(flavor: kernel::Flavor, names: Option<&[String]>) -> Result<
         } else {
             SCENARIO_TIMEOUT
         },
+        append: if debug { vm::DEBUG_APPEND } else { "" },
     };
     let tag = if debug { "--debug " } else { "" };
     let (mut pass, mut fail) = (0, 0);
@@ -154,7 +155,9 @@ fn cmd_vm(args: &[String]) -> Result<()> {
         let known = scenarios(&build_guest()?)?;
         bail!("name at least one scenario: {}", known.join(", "));
     }
-    let (_, fail) = run_scenarios_on(flavor, Some(names))?;
+    // `all`: every scenario `xtask test` runs.
+    let names = (names != ["all"]).then_some(names);
+    let (_, fail) = run_scenarios_on(flavor, names)?;
     if fail > 0 {
         std::process::exit(1);
     }
@@ -174,6 +177,7 @@ fn cmd_bench(names: &[String]) -> Result<()> {
         bzimage: &kernel.bzimage,
         guest_bin: build_guest_profile(true)?,
         timeout: SCENARIO_TIMEOUT,
+        append: "",
     };
     for name in names {
         if !BENCHES.contains(&name.as_str()) {
@@ -188,6 +192,7 @@ fn cmd_bench(names: &[String]) -> Result<()> {
                 bzimage: &base_image,
                 guest_bin: vm.guest_bin.clone(),
                 timeout: vm.timeout,
+                append: "",
             };
             let ns = |lines: &[String]| -> Option<f64> {
                 let l = lines.iter().find(|l| l.starts_with("anon:"))?;
@@ -242,6 +247,7 @@ fn cmd_demo() -> Result<()> {
         bzimage: &kernel.bzimage,
         guest_bin: build_guest()?,
         timeout: SCENARIO_TIMEOUT,
+        append: "",
     };
     println!("demo: booting the patched kernel (QEMU TCG, two-tier NUMA topology)");
     let outcome = vm.run("demo", "")?;

@@ -187,7 +187,11 @@ pub fn ensure_flavor(flavor: Flavor) -> Result<Kernel> {
     let log = kdir.join("build.log");
     eprintln!(
         "xtask: building kernel {key} (linux-source-6.12 {version}{}); log in {}",
-        if flavor == Flavor::Debug { ", debug" } else { "" },
+        if flavor == Flavor::Debug {
+            ", debug"
+        } else {
+            ""
+        },
         log.display()
     );
     fs::create_dir_all(&kdir)?;

@@ -763,7 +763,7 @@ fn stopped_server() -> Result<()> {
     let mem = demoted(&mut srv, N * PAGE_SIZE, 0xb5, false)?;
     sys::signal(srv.pid as i32, libc::SIGSTOP)?;
     let timeouts = stat("timeouts")?;
-    let stalled = stat("stalled").unwrap_or(0);
+    let stalled = stat("stalled")?;
     let addr = mem.addr();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -774,7 +774,7 @@ fn stopped_server() -> Result<()> {
     });
     let done = rx.recv_timeout(Duration::from_secs(120)).is_ok();
     let timed_out = stat("timeouts")? - timeouts;
-    let stalled = stat("stalled").unwrap_or(0) - stalled;
+    let stalled = stat("stalled")? - stalled;
     sys::signal(srv.pid as i32, libc::SIGCONT)?;
     println!(
         "no-hang: {N} stores with the server stopped: {timed_out} timeouts, {stalled} defaults \

@@ -165,29 +165,10 @@ impl FileMap {
 
     /// Read every page (map it) and return the node of each.
     fn nodes(&self) -> Result<Vec<i32>> {
-        let addrs: Vec<usize> = (0..self.len / PAGE_SIZE)
-            .map(|i| self.addr + i * PAGE_SIZE)
-            .collect();
-        for &a in &addrs {
-            load(a);
+        for i in 0..self.len / PAGE_SIZE {
+            load(self.addr + i * PAGE_SIZE);
         }
-        let mut status = vec![i32::MIN; addrs.len()];
-        // SAFETY: arrays of addrs.len() elements; a query (nodes NULL).
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_move_pages,
-                0,
-                addrs.len() as libc::c_ulong,
-                addrs.as_ptr(),
-                std::ptr::null::<i32>(),
-                status.as_mut_ptr(),
-                0,
-            )
-        };
-        ensure(r == 0, || {
-            "move_pages(query) of the memfd mapping failed".into()
-        })?;
-        Ok(status)
+        sys::page_nodes_at(self.addr, self.len / PAGE_SIZE)
     }
 }
 
@@ -658,6 +639,19 @@ pub fn no_hang() -> Result<()> {
     )
 }
 
+/// The helper's line starting with `prefix`; if it does not come (the
+/// helper hangs in the kernel), kill the helper and fail, also when it
+/// cannot even be killed.  (The caller's server goes with its `Drop`.)
+fn expect_or_kill(h: Helper, prefix: &str, what: &str) -> Result<(Helper, String)> {
+    match h.expect(prefix, HANG) {
+        Ok(l) => Ok((h, l)),
+        Err(e) => {
+            h.kill(what)?;
+            Err(e.context(format!("{what} did not return")))
+        }
+    }
+}
+
 /// Findings 2 and 5: a page pinned on node 1 before ATTACH stays pinned
 /// there.  A futex op on it (a fault that cannot be retried) and a store
 /// must return, and the pin must keep seeing what the mapping shows.
@@ -669,28 +663,12 @@ fn pinned_before_attach() -> Result<()> {
     })?;
     let srv = Server::start(0)?;
     h.say("go")?;
-    let futex = match h.expect("FUTEX", HANG) {
-        Ok(l) => l,
-        Err(e) => {
-            let killed = h.kill("FUTEX_WAKE_OP on a pinned node-1 page");
-            srv.kill()?;
-            killed?;
-            return Err(e.context("FUTEX_WAKE_OP on a pinned, fenced node-1 page did not return"));
-        }
-    };
+    let (h, futex) = expect_or_kill(h, "FUTEX", "FUTEX_WAKE_OP on a pinned node-1 page")?;
     println!("no-hang: FUTEX_WAKE_OP on a pinned node-1 page: {futex}");
     ensure(futex == "FUTEX 0 1", || {
         format!("FUTEX_WAKE_OP: `{futex}`, want `FUTEX 0 1` (returned 0, word incremented)")
     })?;
-    let st = match h.expect("STORE", HANG) {
-        Ok(l) => l,
-        Err(e) => {
-            let killed = h.kill("store to a pinned node-1 page");
-            srv.kill()?;
-            killed?;
-            return Err(e.context("a store to a pinned, fenced node-1 page did not return"));
-        }
-    };
+    let (mut h, st) = expect_or_kill(h, "STORE", "a store to a pinned node-1 page")?;
     println!("no-hang: store to the pinned node-1 page: {st} (mapping, pin)");
     ensure(st == "STORE 7 7", || {
         format!("`{st}`: want `STORE 7 7` (the pin sees what the mapping maps)")

@@ -65,29 +65,34 @@ impl Anon {
     /// The node of every page (`move_pages(2)` with `nodes == NULL`);
     /// negative values are errnos (e.g. `-ENOENT` for a page not present).
     pub fn page_nodes(&self) -> Result<Vec<i32>> {
-        let pages: Vec<*mut libc::c_void> = (0..self.len / PAGE_SIZE)
-            .map(|i| (self.addr() + i * PAGE_SIZE) as *mut libc::c_void)
-            .collect();
-        let mut status = vec![i32::MIN; pages.len()];
-        // SAFETY: pages and status are valid arrays of pages.len()
-        // elements; with nodes == NULL move_pages only queries and writes
-        // status.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_move_pages,
-                0,
-                pages.len() as libc::c_ulong,
-                pages.as_ptr(),
-                std::ptr::null::<i32>(),
-                status.as_mut_ptr(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error()).context("move_pages(query)");
-        }
-        Ok(status)
+        page_nodes_at(self.addr(), self.len / PAGE_SIZE)
     }
+}
+
+/// The node of each of `n` pages from `addr` of this process
+/// (`move_pages(2)` with `nodes == NULL`); negative values are errnos.
+pub fn page_nodes_at(addr: usize, n: usize) -> Result<Vec<i32>> {
+    let pages: Vec<*mut libc::c_void> = (0..n)
+        .map(|i| (addr + i * PAGE_SIZE) as *mut libc::c_void)
+        .collect();
+    let mut status = vec![i32::MIN; n];
+    // SAFETY: pages and status are valid arrays of n elements; with
+    // nodes == NULL move_pages only queries and writes status.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            0,
+            n as libc::c_ulong,
+            pages.as_ptr(),
+            std::ptr::null::<i32>(),
+            status.as_mut_ptr(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error()).context("move_pages(query)");
+    }
+    Ok(status)
 }
 
 // SAFETY: an Anon owns its mapping exclusively; moving it to another thread

@@ -5,7 +5,9 @@
 //! - `fence-holes`: a write never passes the fence without a verdict and
 //!   never hangs on what the fence covers (findings 1, 3, 4, 5);
 //! - `no-hang`: no task hangs on a write, whatever the server does
-//!   (findings 2, 11).
+//!   (findings 2, 10, 11);
+//! - `isolation-paths`: nothing but demotion and the server's placements
+//!   reaches a managed node (findings 6, 7, 9).
 //!
 //! A store that hangs never returns, so these scenarios give stores
 //! [`HANG`] before they call them hung.  That is a liveness check, not a
@@ -216,7 +218,18 @@ type Part<'a> = (&'a str, fn() -> Result<()>);
 fn parts(scenario: &str, parts: &[Part<'_>]) -> Result<()> {
     let mut failed = Vec::new();
     for (name, part) in parts {
-        match part() {
+        let before = crate::upcall::stats().unwrap_or_default();
+        let result = part();
+        // Which part moved the kernel's anomaly counters (checked for the
+        // whole scenario by main).
+        let after = crate::upcall::stats().unwrap_or_default();
+        for c in crate::ANOMALIES {
+            let d = after.get(*c).copied().unwrap_or(0) - before.get(*c).copied().unwrap_or(0);
+            if d != 0 {
+                println!("{scenario}: {name}: kernel counter {c} +{d}");
+            }
+        }
+        match result {
             Ok(()) => println!("{scenario}: {name}: ok"),
             Err(e) => {
                 println!("{scenario}: {name}: FAILED: {e:#}");
@@ -945,8 +958,262 @@ fn eject() -> Result<()> {
 pub fn isolation_paths() -> Result<()> {
     parts(
         "isolation-paths",
-        &[("finding 7 (MADV_COLLAPSE of demoted ranges)", collapse)],
+        &[
+            ("finding 6 (hugetlb pool pages)", hugetlb_pool),
+            ("finding 7 (MADV_COLLAPSE of demoted ranges)", collapse),
+            ("finding 9 (DAMON migrate_cold)", damon_migrate),
+        ],
     )
+}
+
+fn hugetlb_nr(nid: u32) -> String {
+    format!("/sys/devices/system/node/node{nid}/hugepages/hugepages-2048kB/nr_hugepages")
+}
+
+/// Set node `nid`'s pool of 2 MiB huge pages to `n` and read back what it
+/// holds.
+fn hugetlb_pool_set(nid: u32, n: u32) -> Result<u32> {
+    sys::write(&hugetlb_nr(nid), &n.to_string())?;
+    Ok(sys::read(&hugetlb_nr(nid))?.parse()?)
+}
+
+/// A shared 2 MiB `MAP_HUGETLB` mapping (a forked child faults it under
+/// the parent's reservation), unmapped on drop.
+struct Huge(usize);
+
+impl Huge {
+    fn new() -> Result<Self> {
+        // SAFETY: a fresh anonymous hugetlb mapping, checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                HPAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap(MAP_HUGETLB)");
+        }
+        Ok(Self(p as usize))
+    }
+}
+
+impl Drop for Huge {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new().
+        unsafe { libc::munmap(self.0 as *mut _, HPAGE) };
+    }
+}
+
+/// Finding 6: hugetlb pool pages on node 1 from before ATTACH are never
+/// handed out (hugetlb mappings are not fenced), and no new pool page is
+/// made there.  With node 0's pool empty and one surplus page allowed, a
+/// hugetlb fault gets a fresh huge page off node 1 instead of node 1's
+/// pool page (with no surplus allowed it would get SIGBUS: the pool's
+/// only free page is not for use).
+fn hugetlb_pool() -> Result<()> {
+    const OVERCOMMIT: &str = "/proc/sys/vm/nr_overcommit_hugepages";
+    sys::write(OVERCOMMIT, "1")?;
+    let pools = (hugetlb_pool_set(0, 0)?, hugetlb_pool_set(NODE, 1)?);
+    let result = hugetlb_pool_inner(pools);
+    let reset = hugetlb_pool_set(NODE, 0);
+    sys::write(OVERCOMMIT, "0")?;
+    result?;
+    ensure(matches!(reset, Ok(0)), || {
+        format!("node 1's huge page pool did not empty: {reset:?}")
+    })
+}
+
+fn hugetlb_pool_inner(pools: (u32, u32)) -> Result<()> {
+    ensure(pools == (0, 1), || {
+        format!("before ATTACH, node 0 and node 1 pools hold {pools:?} 2 MiB pages, want (0, 1)")
+    })?;
+    let srv = Server::start(0)?;
+    let grown = hugetlb_pool_set(NODE, 2)?;
+    ensure(grown == 1, || {
+        format!("node 1 is managed, yet its hugetlb pool grew to {grown} pages")
+    })?;
+    let huge = Huge::new()?;
+    let node = hugetlb_fault_in_child(huge.0)?;
+    println!(
+        "isolation-paths: a hugetlb fault with only node 1's pool page free got a page on node {node}"
+    );
+    ensure(node == 0, || {
+        format!(
+            "a hugetlb fault took node {node}'s pool page; want a page on node 0 \
+             (hugetlb mappings are not fenced: a managed node's pool is not for use)"
+        )
+    })?;
+    drop(huge);
+    srv.quit()
+}
+
+/// In a forked child: write every 4 KiB of the huge page at `addr`, read
+/// it back, and report the page's node as the exit status (a SIGBUS, if
+/// no huge page can be had, kills only the child).
+fn hugetlb_fault_in_child(addr: usize) -> Result<i32> {
+    // SAFETY: the child makes stores and system calls only, on stack
+    // arrays, then _exit()s.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    if child == 0 {
+        let words = HPAGE / 8;
+        for i in (0..words).step_by(PAGE_SIZE / 8) {
+            store(addr + i * 8, i as u64 ^ 0x6b6b);
+        }
+        let mut code = 0;
+        for i in (0..words).step_by(PAGE_SIZE / 8) {
+            if load(addr + i * 8) != i as u64 ^ 0x6b6b {
+                code = 100;
+            }
+        }
+        let pages = [addr as *mut libc::c_void];
+        let mut status = [-1i32];
+        // SAFETY: one-element arrays; a query (nodes == NULL).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_move_pages,
+                0,
+                1,
+                pages.as_ptr(),
+                std::ptr::null::<i32>(),
+                status.as_mut_ptr(),
+                0,
+            )
+        };
+        if code == 0 {
+            code = if r == 0 && (0..10).contains(&status[0]) {
+                10 + status[0]
+            } else {
+                101
+            };
+        }
+        // SAFETY: leaving the forked child without running Rust code.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    if unsafe { libc::waitpid(child, &raw mut status, 0) } != child {
+        return Err(std::io::Error::last_os_error()).context("waitpid");
+    }
+    if libc::WIFSIGNALED(status) {
+        bail!(
+            "the hugetlb fault killed the child with signal {}",
+            libc::WTERMSIG(status)
+        );
+    }
+    match libc::WEXITSTATUS(status) {
+        100 => bail!("the huge page lost its contents"),
+        101 => bail!("move_pages could not tell the huge page's node"),
+        code => Ok(code - 10),
+    }
+}
+
+const DAMON: &str = "/sys/kernel/mm/damon/admin/kdamonds";
+
+/// Write DAMON sysfs files under `kdamonds/`, in order.
+fn damon_write(files: &[(&str, String)]) -> Result<()> {
+    for (f, v) in files {
+        sys::write(&format!("{DAMON}/{f}"), v)?;
+    }
+    Ok(())
+}
+
+/// Finding 9: DAMON's `migrate_cold` naming a managed node is not a
+/// placement path: it moves nothing there and spends no credit (before,
+/// it spent the server's credit and placed pages with reason MIGRATION).
+fn damon_migrate() -> Result<()> {
+    let mut srv = Server::start(1 << 16)?;
+    let mut mem = Anon::new(8 << 20)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(mem.as_mut_slice(), 0xda);
+    let pfns = sys::pfns(&mem)?;
+    let (lo, hi) = (
+        pfns.iter().min().copied().unwrap_or(0),
+        pfns.iter().max().copied().unwrap_or(0),
+    );
+    let placed_before = srv.stat("placed")?;
+    let ctx = "0/contexts/0";
+    let scheme = format!("{ctx}/schemes/0");
+    damon_write(&[
+        ("nr_kdamonds", "1".into()),
+        ("0/contexts/nr_contexts", "1".into()),
+        (&format!("{ctx}/operations"), "paddr".into()),
+        (&format!("{ctx}/targets/nr_targets"), "1".into()),
+        (&format!("{ctx}/targets/0/regions/nr_regions"), "1".into()),
+        // The physical range that holds this buffer.
+        (
+            &format!("{ctx}/targets/0/regions/0/end"),
+            ((hi + 1) * PAGE_SIZE as u64).to_string(),
+        ),
+        (
+            &format!("{ctx}/targets/0/regions/0/start"),
+            (lo * PAGE_SIZE as u64).to_string(),
+        ),
+        (&format!("{ctx}/schemes/nr_schemes"), "1".into()),
+        (&format!("{scheme}/action"), "migrate_cold".into()),
+        (&format!("{scheme}/target_nid"), NODE.to_string()),
+        (&format!("{scheme}/access_pattern/sz/min"), "0".into()),
+        (
+            &format!("{scheme}/access_pattern/sz/max"),
+            u64::MAX.to_string(),
+        ),
+        (
+            &format!("{scheme}/access_pattern/nr_accesses/min"),
+            "0".into(),
+        ),
+        (
+            &format!("{scheme}/access_pattern/nr_accesses/max"),
+            u32::MAX.to_string(),
+        ),
+        (&format!("{scheme}/access_pattern/age/min"), "0".into()),
+        (
+            &format!("{scheme}/access_pattern/age/max"),
+            u32::MAX.to_string(),
+        ),
+        ("0/state", "on".into()),
+    ])?;
+    // Every aggregation interval (100 ms) the scheme is applied to the
+    // whole range; wait until it has tried this buffer's size several times.
+    let stats = format!("{DAMON}/{scheme}/stats");
+    let start = Instant::now();
+    let tried = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        sys::write(&format!("{DAMON}/0/state"), "update_schemes_stats")?;
+        let tried: u64 = sys::read(&format!("{stats}/sz_tried"))?.parse()?;
+        if tried >= 4 * mem.as_slice().len() as u64 || start.elapsed() > HANG {
+            break tried;
+        }
+    };
+    let applied: u64 = sys::read(&format!("{stats}/sz_applied"))?.parse()?;
+    let off = sys::write(&format!("{DAMON}/0/state"), "off");
+    let _ = sys::write(&format!("{DAMON}/nr_kdamonds"), "0");
+    off?;
+    let (n0, n1, other) = where_are(&mem)?;
+    let placed = srv.stat("placed")? - placed_before;
+    println!(
+        "isolation-paths: DAMON migrate_cold to node 1 tried {tried} bytes, applied {applied}; \
+         buffer: {n0} pages on node 0, {n1} on node 1; {placed} pages placed"
+    );
+    ensure(tried >= 4 * mem.as_slice().len() as u64, || {
+        format!("DAMON tried only {tried} bytes in {HANG:?}: the scheme did not run")
+    })?;
+    ensure(n1 == 0 && other == 0 && applied == 0 && placed == 0, || {
+        format!(
+            "DAMON migrate_cold moved {applied} bytes to managed node 1 ({n1} of this \
+             buffer's pages, {placed} placements reported): only demotion and the server \
+             place pages there"
+        )
+    })?;
+    if let Some(i) = sys::check_pattern(mem.as_slice(), 0xda) {
+        bail!("page {i} lost its contents");
+    }
+    srv.quit()
 }
 
 const MADV_COLLAPSE: i32 = 25;

@@ -313,7 +313,10 @@ pub fn series_check(depth: Depth) -> Result<Vec<(String, bool)>> {
                         .filter(|o| tree.join(o.with_extension("c")).exists())
                         .map(|o| o.display().to_string())
                         .collect();
-                    make_targets(&tree, &objs, &log)
+                    // Warnings in what the series touches are errors.
+                    let mut targets = vec!["KCFLAGS=-Werror".to_string()];
+                    targets.extend(objs);
+                    make_targets(&tree, &targets, &log)
                 }
             });
         if let Err(e) = &ok {

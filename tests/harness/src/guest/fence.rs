@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::managed::{NODE, Server, kpageflags_truth, pages, where_are};
+use crate::managed::{
+    NODE, Server, books_diff, kpageflags_anon, kpageflags_truth, pages, where_are,
+};
 use crate::sys::{self, Anon, Cgroup, PAGE_SIZE, ensure};
 use crate::upcall::stat;
 
@@ -54,6 +56,12 @@ fn pid() -> u32 {
 
 /// A region of `len` bytes with the pattern `seed`, moved to node 1 by the
 /// server; with `huge`, backed by transparent huge pages where possible.
+/// The most a scenario places at once when it wants the server's books
+/// to come from events alone: half of the kernel's event queue (4096
+/// events, one per 4 KiB page placed), which the server reads between
+/// steps.  A larger burst loses events by design (`OVERFLOW`).
+pub const EVENT_STEP: usize = 8 << 20;
+
 pub fn demoted(srv: &mut Server, len: usize, seed: u64, huge: bool) -> Result<Anon> {
     let mut mem = Anon::new(len)?;
     sys::madvise(
@@ -67,9 +75,16 @@ pub fn demoted(srv: &mut Server, len: usize, seed: u64, huge: bool) -> Result<An
     sys::fill_pattern(mem.as_mut_slice(), seed);
     // A page can be busy for a moment (a huge page being split, a per-CPU
     // LRU batch); moving again is a no-op for the pages already there.
+    // In steps of half the kernel's event queue (4096 entries), which the
+    // server reads between steps.
+    let step = EVENT_STEP / PAGE_SIZE;
     let mut moved = 0;
     for _ in 0..3 {
-        moved = srv.move_pages(pid(), mem.addr(), pages(len), NODE)?;
+        moved = 0;
+        for first in (0..pages(len)).step_by(step) {
+            let n = step.min(pages(len) - first);
+            moved += srv.move_pages(pid(), mem.addr() + first * PAGE_SIZE, n, NODE)?;
+        }
         if moved == pages(len) {
             break;
         }
@@ -100,9 +115,20 @@ fn write_after_demotion(srv: &mut Server, how: &str, mut mem: Anon, seed: u64) -
     })?;
     println!("demote-write-promote: {how}: move_pages reports all {n} pages on node 1");
     srv.cmd("reset")?;
+    let (answered0, promoted0) = (stat("answered")?, stat("promoted")?);
     let start = Instant::now();
     flip(&mut mem, |_| true);
     let secs = start.elapsed().as_secs_f64();
+    let (answered, promoted) = (stat("answered")? - answered0, stat("promoted")? - promoted0);
+    // The server's PROMOTE(0) moves a page where the kernel's default
+    // would: the kernel's counters tell them apart (a default is not
+    // "answered"; timeouts are checked for the whole scenario).
+    ensure(answered >= n as u64 && promoted == n as u64, || {
+        format!(
+            "{how}: the kernel counted {answered} verdicts answered and {promoted} pages \
+             promoted for {n} written pages; want every page promoted by an answered verdict"
+        )
+    })?;
     let (total, distinct) = srv.faults(pid())?;
     println!(
         "demote-write-promote: {how}: wrote {n} pages in {secs:.1} s; \
@@ -315,25 +341,44 @@ pub fn credit() -> Result<()> {
 /// `resync`: a new server's RESYNC reports exactly what is on node 1.
 pub fn resync() -> Result<()> {
     let mut a = Server::start(1 << 20)?;
+    let lost_before = stat("events_lost")?;
     let cg = Cgroup::enter("mm-guest-resync")?;
     let mut by_reclaim = Anon::new(32 << 20)?;
     sys::madvise(&by_reclaim, libc::MADV_NOHUGEPAGE)?;
     sys::fill_pattern(by_reclaim.as_mut_slice(), 0x5e1);
-    cg.reclaim(48 << 20);
+    // Demoted in steps the event queue holds; the server reads them
+    // between steps (`stats` reads all that are queued).
+    for _ in 0..6 {
+        cg.reclaim(EVENT_STEP);
+        a.stats()?;
+    }
     drop(cg);
     let by_server = demoted(&mut a, 16 << 20, 0x5e2, false)?;
     let (start, span) = (a.start_pfn, a.spanned);
 
     let stats = a.stats()?;
+    // Server A's books come from events alone: none lost, no RESYNC.
+    let lost = stat("events_lost")? - lost_before;
+    ensure(
+        lost == 0 && stats["overflow"] == "0" && stats["malformed"] == "0",
+        || {
+            format!(
+                "server A's books are not from events alone: {lost} events lost, {} OVERFLOW \
+             records, {} malformed events",
+                stats["overflow"], stats["malformed"]
+            )
+        },
+    )?;
     let books_a: (u64, u64) = (stats["books"].parse()?, stats["hash"].parse()?);
     let truth_a = kpageflags_truth(start, span)?;
     println!(
         "resync: server A's books: {} pages; /proc/kpageflags: {} anonymous pages on node 1",
         books_a.0, truth_a.0
     );
-    ensure(books_a == truth_a, || {
-        format!("server A's books {books_a:?} differ from the kernel's {truth_a:?}")
-    })?;
+    if books_a != truth_a {
+        let diff = books_diff(&a.books()?, &kpageflags_anon(start, span)?);
+        bail!("server A's books {books_a:?} differ from the kernel's {truth_a:?}: {diff}");
+    }
     ensure(books_a.0 > pages(16 << 20) as u64, || {
         format!("only {} pages on node 1", books_a.0)
     })?;
@@ -351,9 +396,10 @@ pub fn resync() -> Result<()> {
         anon_kb,
         anon_kb / 4
     );
-    ensure(books_b == truth_b && books_b == books_a, || {
-        format!("RESYNC gave {books_b:?}; kernel {truth_b:?}; server A had {books_a:?}")
-    })?;
+    if books_b != truth_b || books_b != books_a {
+        let diff = books_diff(&b.books()?, &kpageflags_anon(start, span)?);
+        bail!("RESYNC gave {books_b:?}; kernel {truth_b:?}; server A had {books_a:?}: {diff}");
+    }
 
     // Error cases of the commands, then one eviction.
     let expect = |what: &str, got: i32, want: i32| sys::expect_eq("resync", what, got, want);
@@ -400,7 +446,55 @@ pub fn resync() -> Result<()> {
         bail!("page {i} lost its contents");
     }
     drop((by_server, by_reclaim));
+    resync_after_overflow(&mut b)?;
     b.quit()
+}
+
+/// Lost events on purpose: 24 MiB demoted while the server is stopped
+/// (6144 PLACED events for a queue of 4096).  The server is told
+/// (`OVERFLOW`), rebuilds its books with RESYNC, and they equal the kernel.
+fn resync_after_overflow(b: &mut Server) -> Result<()> {
+    const LEN: usize = 24 << 20;
+    let (start, span) = (b.start_pfn, b.spanned);
+    let before = (stat("events_lost")?, b.stat("overflow")?);
+    ensure(b.result("credit set 1048576")? == 0, || {
+        "SET_CREDIT failed".into()
+    })?;
+    let cg = Cgroup::enter("mm-guest-overflow")?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(mem.as_mut_slice(), 0x5e3);
+    sys::signal(b.pid as i32, libc::SIGSTOP)?;
+    cg.reclaim(2 * LEN);
+    sys::signal(b.pid as i32, libc::SIGCONT)?;
+    drop(cg);
+    let (_, n1, _) = where_are(&mem)?;
+    let stats = b.stats()?;
+    let books: (u64, u64) = (stats["books"].parse()?, stats["hash"].parse()?);
+    let truth = kpageflags_truth(start, span)?;
+    let lost = stat("events_lost")? - before.0;
+    let overflows = b.stat("overflow")? - before.1;
+    println!(
+        "resync: {n1} pages demoted with the server stopped: {lost} events lost, {overflows} \
+         OVERFLOW; books after its RESYNC {}, kernel {}",
+        books.0, truth.0
+    );
+    ensure(n1 > 4096 && lost > 0 && overflows >= 1, || {
+        format!(
+            "the burst did not overflow the event queue: {n1} pages demoted, {lost} events \
+             lost, {overflows} OVERFLOW records"
+        )
+    })?;
+    if books != truth {
+        let diff = books_diff(&b.books()?, &kpageflags_anon(start, span)?);
+        bail!(
+            "after OVERFLOW and RESYNC the books {books:?} differ from the kernel's {truth:?}: {diff}"
+        );
+    }
+    if let Some(i) = sys::check_pattern(mem.as_slice(), 0x5e3) {
+        bail!("page {i} lost its contents");
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -81,6 +81,93 @@ fn run(scenario: &str) -> Result<()> {
     }
 }
 
+/// The kernel's anomaly counters (debugfs `mm_upcall/stats`): each is 0
+/// over a scenario unless the scenario causes it on purpose, so that a
+/// scenario cannot pass by self-healing (a RESYNC after lost events, the
+/// default after a dropped verdict).
+const ANOMALIES: &[&str] = &[
+    "timeouts",
+    "aborted",
+    "late_commits",
+    "bad_commits",
+    "events_lost",
+    "promote_failed",
+    "copied_after_failed_promotion",
+    "interrupted",
+    "stalled",
+    "pinned_in_place",
+];
+
+/// The anomalies a scenario causes on purpose, and why.
+fn expected_anomalies(scenario: &str) -> &'static [&'static str] {
+    match scenario {
+        // Servers killed with requests in their slots.
+        "upcall-server-death" | "server-restart" => &["aborted"],
+        // A server slower than the timeout.
+        "upcall-slow-server" => &["timeouts"],
+        // A commit of a slot that holds no request.
+        "upcall-bad-input" => &["bad_commits"],
+        // Pinned pages (a promotion that fails, a copy decided and then
+        // written in place because of the pin), held and interrupted
+        // verdicts, a stopped server (its verdicts come late), an eject.
+        "no-hang" => &[
+            "timeouts",
+            "aborted",
+            "late_commits",
+            "promote_failed",
+            "copied_after_failed_promotion",
+            "interrupted",
+            "stalled",
+            "pinned_in_place",
+        ],
+        // A burst of placements while the server is stopped (OVERFLOW,
+        // then RESYNC), after a server SIGKILLed.
+        "resync" => &["events_lost", "aborted"],
+        // Reclaim bursts larger than the event queue; these scenarios
+        // judge placement by move_pages(2), not by the server's books.
+        "credit" | "demote-write-promote" => &["events_lost"],
+        // mm-server reads events on its tick and the kernel's queue holds
+        // 4096: demotion bursts overflow it and mm-server rebuilds with
+        // RESYNC.  Known, counted, open (the event-loss item of the
+        // sans-I/O core issue); the books still have to match.
+        "server-e2e" | "capacity-adversarial" => &["events_lost"],
+        _ => &[],
+    }
+}
+
+/// Run a scenario, then check the kernel's anomaly counters.
+fn run_checked(scenario: &str) -> Result<()> {
+    if !SCENARIOS.contains(&scenario) {
+        return run(scenario);
+    }
+    let before = upcall::stats().ok();
+    run(scenario)?;
+    let Some(before) = before else {
+        return Ok(());
+    };
+    let after = upcall::stats()?;
+    let allowed = expected_anomalies(scenario);
+    let mut unexpected = Vec::new();
+    for name in ANOMALIES {
+        let delta =
+            after.get(*name).copied().unwrap_or(0) - before.get(*name).copied().unwrap_or(0);
+        if delta != 0 {
+            println!("mm-guest: {scenario}: kernel counter {name} +{delta}");
+            if !allowed.contains(name) {
+                unexpected.push(format!("{name} +{delta}"));
+            }
+        }
+    }
+    if unexpected.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "kernel anomaly counters moved in a scenario that does not cause them: {}",
+            unexpected.join(", ")
+        )
+    }
+}
+
 fn main() {
     let scenario = std::env::args().nth(1).unwrap_or_default();
     if scenario == "--serve" {
@@ -115,7 +202,7 @@ fn main() {
         }
         return;
     }
-    match run(&scenario) {
+    match run_checked(&scenario) {
         Ok(()) => println!("mm-guest: PASS {scenario}"),
         Err(e) => {
             println!("mm-guest: FAIL: {e:#}");

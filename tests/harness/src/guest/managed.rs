@@ -26,7 +26,7 @@
 //!   moved, pages on node 0 afterwards, whether the data is right;
 //! - `quit`: detach node 1 and exit.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
@@ -247,6 +247,13 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
                 resync(t, st)?;
             }
             st.stats()
+        }
+        ["books"] => {
+            st.events(t)?;
+            let mut pfns: Vec<u64> = st.books.pages.iter().copied().collect();
+            pfns.sort_unstable();
+            let list: Vec<String> = pfns.iter().map(|p| format!("{p:x}")).collect();
+            format!("OK {}", list.join(" "))
         }
         ["faults", _] => {
             let tgid = num(1)? as u32;
@@ -503,6 +510,9 @@ pub fn serve(args: &[String]) -> Result<()> {
             };
             println!("{reply}");
             std::io::stdout().flush()?;
+            // A command may have placed pages (move): read their events
+            // before the next one, so that the queue does not overflow.
+            st.events(&t)?;
         }
     }
 }
@@ -590,6 +600,14 @@ impl Server {
             .with_context(|| format!("server stat {key}"))
     }
 
+    /// The pfns in the server's books.
+    pub fn books(&mut self) -> Result<BTreeSet<u64>> {
+        self.cmd("books")?
+            .iter()
+            .map(|p| u64::from_str_radix(p, 16).context("books: pfn"))
+            .collect()
+    }
+
     /// Write faults of process `tgid`: (total, distinct pages).
     pub fn faults(&mut self, tgid: u32) -> Result<(u64, u64)> {
         let w = self.cmd(&format!("faults {tgid}"))?;
@@ -658,6 +676,14 @@ impl Drop for Server {
 /// The node 1 pages the kernel reports as anonymous in `/proc/kpageflags`:
 /// (pages, hash), comparable with the server's books.
 pub fn kpageflags_truth(start_pfn: u64, pages: u64) -> Result<(u64, u64)> {
+    let anon = kpageflags_anon(start_pfn, pages)?;
+    let hash = anon.keys().fold(0u64, |h, &p| h.wrapping_add(pfn_hash(p)));
+    Ok((anon.len() as u64, hash))
+}
+
+/// The node 1 pages the kernel reports as anonymous, with their
+/// `/proc/kpageflags` bits.
+pub fn kpageflags_anon(start_pfn: u64, pages: u64) -> Result<BTreeMap<u64, u64>> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     const KPF_ANON: u64 = 1 << 12;
     const KPF_NOPAGE: u64 = 1 << 20;
@@ -665,15 +691,41 @@ pub fn kpageflags_truth(start_pfn: u64, pages: u64) -> Result<(u64, u64)> {
     f.seek(SeekFrom::Start(start_pfn * 8))?;
     let mut buf = vec![0u8; pages as usize * 8];
     f.read_exact(&mut buf).context("read /proc/kpageflags")?;
-    let (mut n, mut hash) = (0u64, 0u64);
-    for (i, c) in buf.chunks(8).enumerate() {
-        let flags = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
-        if flags & KPF_ANON != 0 && flags & KPF_NOPAGE == 0 {
-            n += 1;
-            hash = hash.wrapping_add(pfn_hash(start_pfn + i as u64));
-        }
-    }
-    Ok((n, hash))
+    Ok(buf
+        .chunks(8)
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let flags = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+            (flags & KPF_ANON != 0 && flags & KPF_NOPAGE == 0)
+                .then_some((start_pfn + i as u64, flags))
+        })
+        .collect())
+}
+
+/// What differs between a server's books and the kernel's anonymous
+/// pages on node 1, for a failure message: up to 8 pfns each way, with
+/// their kpageflags bits.
+pub fn books_diff(books: &BTreeSet<u64>, truth: &BTreeMap<u64, u64>) -> String {
+    let extra: Vec<String> = books
+        .iter()
+        .filter(|p| !truth.contains_key(p))
+        .take(8)
+        .map(|p| format!("{p:#x}"))
+        .collect();
+    let missing: Vec<String> = truth
+        .iter()
+        .filter(|(p, _)| !books.contains(p))
+        .take(8)
+        .map(|(p, f)| format!("{p:#x} (flags {f:#x})"))
+        .collect();
+    format!(
+        "in the books but not anonymous on node 1: {} [{}]; anonymous on node 1 but not \
+         in the books: {} [{}]",
+        books.iter().filter(|p| !truth.contains_key(p)).count(),
+        extra.join(", "),
+        truth.keys().filter(|p| !books.contains(p)).count(),
+        missing.join(", ")
+    )
 }
 
 /// `(pages on node 0, on node 1, elsewhere)` of `mem`.

@@ -261,6 +261,27 @@ fn agree(srv: &MmServer, what: &str) -> Result<u64> {
     ensure(books == truth, || {
         format!("{what}: mm-server's books ({books}) differ from the kernel's truth ({truth})")
     })?;
+    // Books that match only because mm-server healed them do not count:
+    // no event contradicted them, no slot failed, no upcall was malformed.
+    // (Lost events are counted by the kernel and checked per scenario.)
+    let m = srv.metrics()?;
+    for name in [
+        "mm_server_book_disagreements_total{nid=\"1\"}",
+        "mm_server_slot_failures_total",
+        "mm_server_upcalls_total{kind=\"malformed\"}",
+    ] {
+        let v =
+            metrics::sample(&m, name).with_context(|| format!("mm-server reports no {name}"))?;
+        ensure(v == 0.0, || {
+            format!("{what}: mm-server's {name} is {v}, want 0")
+        })?;
+    }
+    println!(
+        "{}: {what}: no book disagreement, slot failure or malformed upcall; {} RESYNC(s) after {} OVERFLOW(s)",
+        srv.name,
+        metrics::sample(&m, "mm_server_resyncs_total").unwrap_or(f64::NAN),
+        metrics::sample(&m, "mm_server_event_overflows_total").unwrap_or(f64::NAN),
+    );
     Ok(truth)
 }
 

@@ -104,7 +104,7 @@ fn drain_ping_events(t: &Transport, want: usize) -> Result<Vec<u64>> {
     }
 }
 
-fn stats() -> Result<std::collections::HashMap<String, u64>> {
+pub fn stats() -> Result<std::collections::HashMap<String, u64>> {
     let text = crate::sys::read("/sys/kernel/debug/mm_upcall/stats")?;
     Ok(text
         .lines()

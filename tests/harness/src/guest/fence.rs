@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::managed::{
-    NODE, Server, books_diff, kpageflags_anon, kpageflags_truth, pages, where_are,
+    KPF_TYPED, NODE, Server, books_diff, kpageflags_all, kpageflags_anon, kpageflags_truth, pages,
+    where_are,
 };
 use crate::sys::{self, Anon, Cgroup, PAGE_SIZE, ensure};
 use crate::upcall::stat;
@@ -400,6 +401,23 @@ pub fn resync() -> Result<()> {
         let diff = books_diff(&b.books()?, &kpageflags_anon(start, span)?);
         bail!("RESYNC gave {books_b:?}; kernel {truth_b:?}; server A had {books_a:?}: {diff}");
     }
+    // Typed pages whose overlaid fields read as an anonymous mapping (the
+    // node's own slab pages, with SLUB's per-CPU partial lists) are not
+    // anonymous memory: RESYNC must not report them.
+    let lookalikes: Vec<u64> = kpageflags_all(start, span)?
+        .into_iter()
+        .filter(|(_, f)| f & KPF_TYPED != 0)
+        .map(|(p, _)| p)
+        .collect();
+    let books = b.books()?;
+    let reported = lookalikes.iter().filter(|p| books.contains(p)).count();
+    println!(
+        "resync: {} typed pages on node 1 look anonymous in kpageflags; RESYNC reported {reported}",
+        lookalikes.len()
+    );
+    ensure(reported == 0, || {
+        format!("RESYNC reported {reported} typed (slab) pages as anonymous folios")
+    })?;
 
     // Error cases of the commands, then one eviction.
     let expect = |what: &str, got: i32, want: i32| sys::expect_eq("resync", what, got, want);

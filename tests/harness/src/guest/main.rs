@@ -127,9 +127,11 @@ fn expected_anomalies(scenario: &str) -> &'static [&'static str] {
         // judge placement by move_pages(2), not by the server's books.
         "credit" | "demote-write-promote" => &["events_lost"],
         // mm-server reads events on its tick and the kernel's queue holds
-        // 4096: demotion bursts overflow it and mm-server rebuilds with
+        // 4096: the frees of a large workload's exit (server-e2e) and
+        // bursts of rewrites overflow it, and mm-server rebuilds with
         // RESYNC.  Known, counted, open (the event-loss item of the
-        // sans-I/O core issue); the books still have to match.
+        // sans-I/O core issue); the books still have to match, and where
+        // they must come from events alone agree() says so.
         "server-e2e" | "capacity-adversarial" => &["events_lost"],
         _ => &[],
     }

@@ -681,9 +681,22 @@ pub fn kpageflags_truth(start_pfn: u64, pages: u64) -> Result<(u64, u64)> {
     Ok((anon.len() as u64, hash))
 }
 
-/// The node 1 pages the kernel reports as anonymous, with their
-/// `/proc/kpageflags` bits.
+/// `/proc/kpageflags` bits of typed pages (slab, free, page table,
+/// offline): their `mapping` word holds other fields, so `KPF_ANON` means
+/// nothing on them (a SLUB per-CPU partial slab often shows `ANON|KSM`).
+pub const KPF_TYPED: u64 = 1 << 7 | 1 << 10 | 1 << 23 | 1 << 26;
+
+/// The node 1 pages the kernel reports as anonymous (typed pages
+/// excluded), with their `/proc/kpageflags` bits.
 pub fn kpageflags_anon(start_pfn: u64, pages: u64) -> Result<BTreeMap<u64, u64>> {
+    Ok(kpageflags_all(start_pfn, pages)?
+        .into_iter()
+        .filter(|(_, f)| f & KPF_TYPED == 0)
+        .collect())
+}
+
+/// As [`kpageflags_anon`], typed pages that look anonymous included.
+pub fn kpageflags_all(start_pfn: u64, pages: u64) -> Result<BTreeMap<u64, u64>> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     const KPF_ANON: u64 = 1 << 12;
     const KPF_NOPAGE: u64 = 1 << 20;

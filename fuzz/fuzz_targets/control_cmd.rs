@@ -25,6 +25,12 @@ fuzz_target!(|data: &[u8]| {
         None => return,
     };
     if let Ok(c) = Control::decode(cmd_op, rest) {
-        assert_eq!(Control::decode(c.cmd_op(), &c.encode()), Ok(c));
+        let area = c.encode();
+        assert_eq!(Control::decode(c.cmd_op(), &area), Ok(c));
+        // Canonical: what decodes is exactly what it encodes to (the
+        // decoder reads a record prefix; the rest of the area is zero).
+        let n = rest.len().min(area.len());
+        assert_eq!(&area[..n], &rest[..n]);
+        assert!(area[n..].iter().all(|&b| b == 0));
     }
 });

@@ -10,6 +10,9 @@ fuzz_target!(|data: &[u8]| {
     let cmd_op = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
     if let Ok(cmd) = IoCommand::decode(cmd_op, &data[4..]) {
         use zerocopy::IntoBytes;
-        assert_eq!(IoCommand::decode(cmd.cmd_op(), cmd.to_raw().as_bytes()), Ok(cmd));
+        let raw = cmd.to_raw();
+        assert_eq!(IoCommand::decode(cmd.cmd_op(), raw.as_bytes()), Ok(cmd));
+        // Canonical: what decodes is exactly what it encodes to.
+        assert_eq!(raw.as_bytes(), &data[4..4 + raw.as_bytes().len()]);
     }
 });

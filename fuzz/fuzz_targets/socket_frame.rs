@@ -15,5 +15,7 @@ fuzz_target!(|data: &[u8]| {
         let mut buf = [0u8; MAX_FRAME_SIZE];
         let n = frame.encode(&mut buf);
         assert_eq!(Frame::decode(&buf[..n]), Ok((frame, n)));
+        // Canonical: what decodes is exactly what it encodes to.
+        assert_eq!(&buf[..n], &data[..used]);
     }
 });

@@ -9,5 +9,8 @@ fuzz_target!(|data: &[u8]| {
         // to the same request.
         let raw = req.to_raw();
         assert_eq!(Request::from_raw(&raw), Ok(req));
+        // Canonical: what decodes is exactly what it encodes to.
+        use zerocopy::IntoBytes;
+        assert_eq!(raw.as_bytes(), &data[..raw.as_bytes().len()]);
     }
 });

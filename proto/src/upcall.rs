@@ -97,6 +97,7 @@ impl Request {
             }
             op::HINT_FAULT => {
                 // Nobody waits for a hint fault's verdict: NO_WAIT is set.
+                no_wait_set(d)?;
                 Upcall::HintFault {
                     fault: fault(),
                     since_scan_ms: d.arg,
@@ -105,6 +106,7 @@ impl Request {
             op::DEMOTE_CREDIT => {
                 unused_zero(d, &["cpu_nid", "order", "tgid", "tid", "pfn", "vaddr"])?;
                 reserved_zero("flags", u64::from(d.flags & desc_flags::THP))?;
+                no_wait_set(d)?;
                 Upcall::DemoteCredit {
                     nid: d.nid,
                     wanted_pages: d.arg,
@@ -168,6 +170,17 @@ impl Request {
         }
         d
     }
+}
+
+/// Requests nobody waits for (hints, credit) always carry `NO_WAIT`.
+fn no_wait_set(d: &Desc) -> Result<(), DecodeError> {
+    if d.flags & desc_flags::NO_WAIT == 0 {
+        return Err(DecodeError::Invalid {
+            field: "flags",
+            value: u64::from(d.flags),
+        });
+    }
+    Ok(())
 }
 
 fn unused_zero(d: &Desc, fields: &[&'static str]) -> Result<(), DecodeError> {

@@ -347,6 +347,65 @@ fn step(name: &str, args: &[&str]) -> bool {
     ok
 }
 
+/// The fuzz targets (`fuzz/`, their own workspace): built with the stable
+/// toolchain (no coverage instrumentation: `cargo fuzz` on nightly does
+/// the real fuzzing) and each run over its seed corpus plus 100,000
+/// random inputs, so that they keep building and their canonical-encoding
+/// assertions hold.  Returns (passed, failed), one per target.
+fn fuzz_smoke() -> (usize, usize) {
+    println!("==> fuzz targets (build, seeds and a short random run)");
+    let root = workspace_root();
+    let built = Command::new(env!("CARGO"))
+        .current_dir(root.join("fuzz"))
+        .args(["build", "--quiet"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !built {
+        println!("FAIL fuzz-build");
+        return (0, 1);
+    }
+    let targets = [
+        "upcall_desc",
+        "io_cmd",
+        "control_cmd",
+        "event_batch",
+        "socket_frame",
+        "kernel_replies",
+    ];
+    let (mut pass, mut fail) = (0, 0);
+    for t in targets {
+        // libFuzzer adds what it finds to the first corpus directory: a
+        // scratch one, so that the committed seeds stay as they are.
+        let scratch = util::target_dir().join("fuzz-corpus").join(t);
+        let _ = std::fs::remove_dir_all(&scratch);
+        let _ = std::fs::create_dir_all(&scratch);
+        let seeds = root.join("fuzz/seeds").join(t);
+        let mut cmd = Command::new(root.join("fuzz/target/debug").join(t));
+        cmd.arg("-runs=100000").arg(&scratch);
+        if seeds.is_dir() {
+            cmd.arg(&seeds);
+        }
+        let ok = cmd
+            .current_dir(&scratch)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        println!("{} fuzz-smoke {t}", if ok { "PASS" } else { "FAIL" });
+        if ok {
+            pass += 1;
+        } else {
+            println!(
+                "  reproduce: cd fuzz && cargo build && ./target/debug/{t} -runs=100000 seeds/{t}"
+            );
+            fail += 1;
+        }
+    }
+    (pass, fail)
+}
+
 /// Run the unit/property/ABI tests with nextest and return its counts.
 fn nextest() -> Result<(usize, usize)> {
     println!("==> unit, property and ABI tests (cargo nextest)");
@@ -406,6 +465,9 @@ fn cmd_test() -> Result<()> {
         ],
     ));
     let (p, f) = nextest()?;
+    pass += p;
+    fail += f;
+    let (p, f) = fuzz_smoke();
     pass += p;
     fail += f;
     println!("==> kernel patches (checkpatch.pl --strict)");

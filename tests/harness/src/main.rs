@@ -1,8 +1,8 @@
 //! `cargo xtask`: the mm-upcall harness.
 //!
 //! ```text
-//! cargo xtask test               fmt, clippy, unit/property/ABI tests, checkpatch, series, every VM scenario
-//! cargo xtask demo               the main job, end to end in the VM
+//! cargo xtask test               fmt, clippy, unit/property/ABI tests, fuzz smoke, checkpatch, series, every VM scenario
+//! cargo xtask demo [--debug]     the main job, end to end in the VM
 //! cargo xtask vm [--debug] <scenario>...|all   boot the patched kernel once per scenario
 //! cargo xtask kernel [--debug]   build (or reuse) the patched kernel (--debug: with DEBUG_VM, lockdep, KASAN)
 //! cargo xtask checkpatch         scripts/checkpatch.pl --strict on every patch
@@ -30,7 +30,7 @@ use crate::vm::{Outcome, Vm};
 /// Per-boot limit; TCG is slow, and a hung guest must not hang the suite.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
 
-const USAGE: &str = "usage: cargo xtask <test|demo|vm [--debug] <scenario>...|kernel [--debug]|\
+const USAGE: &str = "usage: cargo xtask <test|demo [--debug]|vm [--debug] <scenario>...|kernel [--debug]|\
                      checkpatch|series [--objects]|fuzz [seconds]|bench <name>>";
 
 /// `--debug` selects the debug kernel.
@@ -50,7 +50,7 @@ fn main() {
         }
         Some("vm") => cmd_vm(&args[1..]),
         Some("test") => cmd_test(),
-        Some("demo") => cmd_demo(),
+        Some("demo") => cmd_demo(flavor(args.get(1))),
         Some("checkpatch") => cmd_checkpatch(),
         Some("series") => cmd_series(args.get(1).map(String::as_str) == Some("--objects")),
         Some("fuzz") => cmd_fuzz(args.get(1).map(String::as_str)),
@@ -241,13 +241,18 @@ fn bench_lines(vm: &Vm<'_>, scenario: &str) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-fn cmd_demo() -> Result<()> {
-    let kernel = kernel::ensure()?;
+fn cmd_demo(flavor: kernel::Flavor) -> Result<()> {
+    let kernel = kernel::ensure_flavor(flavor)?;
+    let debug = flavor == kernel::Flavor::Debug;
     let vm = Vm {
         bzimage: &kernel.bzimage,
         guest_bin: build_guest()?,
-        timeout: SCENARIO_TIMEOUT,
-        append: "",
+        timeout: if debug {
+            2 * SCENARIO_TIMEOUT
+        } else {
+            SCENARIO_TIMEOUT
+        },
+        append: if debug { vm::DEBUG_APPEND } else { "" },
     };
     println!("demo: booting the patched kernel (QEMU TCG, two-tier NUMA topology)");
     let outcome = vm.run("demo", "")?;
@@ -551,10 +556,18 @@ fn cmd_fuzz(secs: Option<&str>) -> Result<()> {
     )?;
     for target in list.lines().map(str::trim).filter(|t| !t.is_empty()) {
         println!("==> fuzz {target} ({secs}s)");
+        // Its working corpus first (libFuzzer adds to it), then the
+        // committed seeds (valid encodings; see proto's roundtrip tests).
+        let corpus = format!("corpus/{target}");
+        std::fs::create_dir_all(dir.join(&corpus))?;
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(&dir)
+            .args(["fuzz", "run", "--sanitizer", "none", target, &corpus]);
+        if dir.join("seeds").join(target).is_dir() {
+            cmd.arg(format!("seeds/{target}"));
+        }
         util::run(
-            Command::new(env!("CARGO"))
-                .current_dir(&dir)
-                .args(["fuzz", "run", "--sanitizer", "none", target, "--"])
+            cmd.arg("--")
                 .arg(format!("-max_total_time={secs}"))
                 .arg("-print_final_stats=1"),
         )?;

@@ -88,6 +88,10 @@ enum CreditMode {
 struct State {
     info: NodeInfo,
     wf_verdict: Verdict,
+    /// `wf alternate`: pages at even addresses PROMOTE(0), odd ones
+    /// ALLOW_IN_PLACE, so that where a page ends up shows which verdict
+    /// the kernel applied (the default promotes, like PROMOTE(0)).
+    wf_alternate: bool,
     credit_mode: CreditMode,
     /// Write faults per (tgid, page address).
     faults: HashMap<(u32, u64), u32>,
@@ -121,7 +125,11 @@ impl State {
                 if f.thp {
                     self.thp_faults += 1;
                 }
-                self.wf_verdict
+                if self.wf_alternate && (f.vaddr >> 12) & 1 == 1 {
+                    Verdict::AllowInPlace
+                } else {
+                    self.wf_verdict
+                }
             }
             Upcall::HintFault { .. } => {
                 self.hint_faults += 1;
@@ -291,7 +299,9 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
         }
         ["wf", mode] => {
             st.hold = false;
+            st.wf_alternate = *mode == "alternate";
             st.wf_verdict = match *mode {
+                "alternate" => Verdict::Promote { nid: 0 },
                 "promote" => Verdict::Promote { nid: 0 },
                 "inplace" => Verdict::AllowInPlace,
                 "default" => Verdict::Default,
@@ -431,6 +441,7 @@ pub fn serve(args: &[String]) -> Result<()> {
     let mut st = State {
         info,
         wf_verdict: Verdict::Promote { nid: 0 },
+        wf_alternate: false,
         credit_mode: CreditMode::Deny,
         faults: HashMap::new(),
         thp_faults: 0,

@@ -21,6 +21,7 @@ use mm_server::metrics;
 
 use crate::managed::{kpageflags_truth, pages, where_are};
 use crate::sys::{self, Anon, Cgroup, PAGE_SIZE, ensure};
+use crate::upcall::stat;
 
 /// The running daemon.
 pub struct MmServer {
@@ -407,6 +408,8 @@ pub fn restart() -> Result<()> {
     agree(&a, "server A", Books::FromEvents)?;
 
     // Rewrite the first half while server A dies under it.
+    let wf0 = a.get("mm_server_upcalls_total{kind=\"write_fault\"}")?;
+    let no_server0 = stat("no_server")?;
     let (first, _) = mem.as_mut_slice().split_at_mut(LEN / 2);
     let done = AtomicBool::new(false);
     std::thread::scope(|s| -> Result<()> {
@@ -416,18 +419,41 @@ pub fn restart() -> Result<()> {
             }
             done.store(true, Ordering::Release);
         });
-        std::thread::sleep(Duration::from_millis(1500));
+        // Kill once the writer's faults reach server A.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while a.get("mm_server_upcalls_total{kind=\"write_fault\"}")? < wf0 + 64.0
+            && !done.load(Ordering::Acquire)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mid = !done.load(Ordering::Acquire);
         a.kill()?;
         println!(
             "server-restart: killed with the writer {} ",
             if mid { "mid-way" } else { "already done" }
         );
-        w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
-        Ok(())
+        let joined = w.join().map_err(|_| anyhow::anyhow!("writer panicked"));
+        ensure(mid, || {
+            "the writer finished before server A was killed: nothing was written through \
+             the kernel default"
+                .into()
+        })?;
+        joined
     })?;
-    // No server: reclaim may not demote (no credit).
+    let no_server = stat("no_server")? - no_server0;
+    println!("server-restart: {no_server} write faults took the kernel default after the kill");
+    ensure(no_server > 0, || {
+        "no write fault took the kernel default after server A was killed".into()
+    })?;
+    // No server: no credit, so reclaim demotes nothing (the node stays
+    // isolated after the server's death).
+    let n1_dead = where_are(&mem)?.1;
     cg.reclaim(LEN);
+    let n1_after = where_are(&mem)?.1;
+    ensure(n1_after <= n1_dead, || {
+        format!("with no server, reclaim demoted: {n1_dead} pages on node 1, then {n1_after}")
+    })?;
 
     let b = MmServer::start("server-restart-b", cap, "")?;
     let resynced = agree(&b, "server B after RESYNC", Books::FromEvents)?;
@@ -443,6 +469,11 @@ pub fn restart() -> Result<()> {
         }
     }
     agree(&b, "server B after more demotion", Books::FromEvents)?;
+    let n1_b = where_are(&mem)?.1;
+    println!("server-restart: server B demoted again: {n1_after} pages on node 1, then {n1_b}");
+    ensure(n1_b > n1_after, || {
+        format!("server B demoted nothing more: {n1_after} pages on node 1, then {n1_b}")
+    })?;
     let (head, tail) = mem.as_slice().split_at(LEN / 2);
     ensure(check(head, 0x5e2, Content::Compressible).is_none(), || {
         "first half corrupt".into()

@@ -1231,7 +1231,7 @@ fn madv_collapse(addr: usize) -> i32 {
 
 /// Whether the page with this pfn is part of a transparent huge page
 /// (`KPF_THP` in `/proc/kpageflags`).
-fn is_thp(pfn: u64) -> Result<bool> {
+pub fn is_thp(pfn: u64) -> Result<bool> {
     use std::io::{Seek as _, SeekFrom};
     const KPF_THP: u64 = 1 << 22;
     let mut f = std::fs::File::open("/proc/kpageflags").context("open kpageflags")?;

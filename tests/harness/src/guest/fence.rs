@@ -271,6 +271,17 @@ pub fn isolation() -> Result<()> {
     ensure(free_after + 1024 >= free_before, || {
         format!("node 1 lost {} kB of free memory", free_before - free_after)
     })?;
+    // Node-wide, from the kernel's own page flags: no anonymous page of
+    // anyone on node 1.
+    let anon = kpageflags_anon(srv.start_pfn, srv.spanned)?;
+    ensure(anon.is_empty(), || {
+        format!(
+            "{} anonymous pages on node 1 with no credit given (first: {:#x?})",
+            anon.len(),
+            anon.keys().take(4).collect::<Vec<_>>()
+        )
+    })?;
+    println!("isolation: /proc/kpageflags: no anonymous page on node 1");
     srv.quit()
 }
 

@@ -453,6 +453,14 @@ fn nextest() -> Result<(usize, usize)> {
 }
 
 fn cmd_test() -> Result<()> {
+    if let Some(image) = std::env::var_os("MM_UPCALL_BZIMAGE") {
+        bail!(
+            "MM_UPCALL_BZIMAGE={} is set: `cargo xtask test` proves the series in \
+             kernel-upcall/linux/patches and boots the kernel built from it; unset it \
+             (use `cargo xtask vm` to try another image)",
+            image.to_string_lossy()
+        );
+    }
     let start = Instant::now();
     let (mut pass, mut fail) = (0usize, 0usize);
     let mut tally = |ok: bool| if ok { pass += 1 } else { fail += 1 };

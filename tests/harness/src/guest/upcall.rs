@@ -339,7 +339,9 @@ fn spawn_server(mode: &str, ready: &str) -> Result<Child> {
     BufReader::new(stdout).read_line(&mut line)?;
     if !line.starts_with(ready) {
         let _ = child.kill();
-        bail!("server `{mode}` did not get ready: {line:?}");
+        // Say how it went: an empty line is a child that died silently.
+        let status = child.wait().map(|s| format!("{s}")).unwrap_or_default();
+        bail!("server `{mode}` did not get ready: {line:?} (the child: {status})");
     }
     Ok(child)
 }

@@ -359,6 +359,11 @@ fn step(name: &str, args: &[&str]) -> bool {
 /// assertions hold.  Returns (passed, failed), one per target.
 fn fuzz_smoke() -> (usize, usize) {
     println!("==> fuzz targets (build, seeds and a short random run)");
+    // libfuzzer-sys compiles libFuzzer, which is C++.
+    if let Err(e) = util::ensure_packages(&["g++"]) {
+        println!("FAIL fuzz-build: {e:#}");
+        return (0, 1);
+    }
     let root = workspace_root();
     let built = Command::new(env!("CARGO"))
         .current_dir(root.join("fuzz"))

@@ -741,16 +741,19 @@ fn draw<T: std::fmt::Debug>(s: impl Strategy<Value = T>, n: usize) -> Vec<T> {
         .collect()
 }
 
+/// The control opcodes in the order the `control_cmd` fuzz target's
+/// selector byte picks them.
+const CONTROL_OPS: [u32; 7] = [
+    ctrl_op::HELLO,
+    ctrl_op::ATTACH_NODE,
+    ctrl_op::DETACH_NODE,
+    ctrl_op::SET_CREDIT,
+    ctrl_op::PROMOTE_PFN,
+    ctrl_op::RESYNC,
+    ctrl_op::PING,
+];
+
 fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
-    const CONTROL_OPS: [u32; 7] = [
-        ctrl_op::HELLO,
-        ctrl_op::ATTACH_NODE,
-        ctrl_op::DETACH_NODE,
-        ctrl_op::SET_CREDIT,
-        ctrl_op::PROMOTE_PFN,
-        ctrl_op::RESYNC,
-        ctrl_op::PING,
-    ];
     let upcalls = draw((any::<u32>(), upcall()), 16)
         .into_iter()
         .map(|(seq, upcall)| Request { seq, upcall }.to_raw().as_bytes().to_vec())
@@ -813,18 +816,7 @@ fn seed_decodes(target: &str, b: &[u8]) -> bool {
         "io_cmd" => {
             IoCommand::decode(u32::from_ne_bytes(b[..4].try_into().unwrap()), &b[4..]).is_ok()
         }
-        "control_cmd" => {
-            let ops = [
-                ctrl_op::HELLO,
-                ctrl_op::ATTACH_NODE,
-                ctrl_op::DETACH_NODE,
-                ctrl_op::SET_CREDIT,
-                ctrl_op::PROMOTE_PFN,
-                ctrl_op::RESYNC,
-                ctrl_op::PING,
-            ];
-            Control::decode(ops[usize::from(b[0])], &b[1..]).is_ok()
-        }
+        "control_cmd" => Control::decode(CONTROL_OPS[usize::from(b[0])], &b[1..]).is_ok(),
         "event_batch" => event::decode_batch(b).all(|e| e.is_ok()),
         "socket_frame" => Frame::decode(b).is_ok(),
         _ => false,

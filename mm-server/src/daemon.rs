@@ -841,6 +841,7 @@ impl Daemon {
         }
         n.credit_in_flight = true;
         let nid = u32::from(n.nid);
+        self.metrics.credit_set_pages += pages;
         self.submit(
             Control::SetCredit { nid, pages },
             Ctrl::SetCredit { node: i, pages },

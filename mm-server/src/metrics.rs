@@ -125,6 +125,9 @@ pub struct Metrics {
     pub slot_failures: u64,
     pub resyncs: u64,
     pub event_overflows: u64,
+    /// Pages of credit set by SET_CREDIT (absolute; each replaces what
+    /// the kernel had left).
+    pub credit_set_pages: u64,
     pub latency: Histogram,
 }
 
@@ -214,8 +217,13 @@ impl Snapshot {
             ),
             (
                 "granted_pages_total",
-                "Pages of demotion credit granted.",
+                "Pages of demotion credit granted by GRANT verdicts.",
                 d.granted_pages,
+            ),
+            (
+                "credit_set_pages_total",
+                "Pages of demotion credit set by SET_CREDIT commands.",
+                m.credit_set_pages,
             ),
             (
                 "resyncs_total",

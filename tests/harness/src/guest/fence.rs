@@ -289,6 +289,8 @@ pub fn isolation() -> Result<()> {
 
 /// `credit`: at most N pages before a DEMOTE_CREDIT request; none after
 /// DENY; SET_CREDIT and GRANT let more through, within what they gave.
+/// Counted node-wide (`/proc/kpageflags`): credit bounds every demotion
+/// to the node, not only this mapping's.
 pub fn credit() -> Result<()> {
     const LEN: usize = 64 << 20;
     const N: u64 = 1024;
@@ -297,7 +299,19 @@ pub fn credit() -> Result<()> {
     let mut mem = Anon::new(LEN)?;
     sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
     sys::fill_pattern(mem.as_mut_slice(), 0xc4);
-    let on1 = |mem: &Anon| -> Result<u64> { Ok(where_are(mem)?.1 as u64) };
+    let (start, span) = (srv.start_pfn, srv.spanned);
+    let on1 = |mem: &Anon| -> Result<u64> {
+        let node = kpageflags_truth(start, span)?.0;
+        let mine = where_are(mem)?.1 as u64;
+        ensure(mine <= node, || {
+            format!("move_pages shows {mine} of this mapping's pages on node 1, kpageflags {node}")
+        })?;
+        Ok(node)
+    };
+    let n1_0 = on1(&mem)?;
+    ensure(n1_0 == 0, || {
+        format!("{n1_0} anonymous pages on node 1 before any credit was spent")
+    })?;
 
     cg.reclaim(2 * LEN);
     let n1 = on1(&mem)?;

@@ -18,7 +18,7 @@ use crate::sys::{self, Anon, PAGE_SIZE, ensure};
 /// `<linux/mempolicy.h>`: move pages mapped only by this process.
 const MPOL_MF_MOVE: libc::c_int = 1 << 1;
 
-fn attach(t: &mut Transport, nid: u32) -> Result<Result<NodeInfo, i32>> {
+pub fn attach(t: &mut Transport, nid: u32) -> Result<Result<NodeInfo, i32>> {
     let out = t.control_sync(
         Control::AttachNode {
             nid,
@@ -33,7 +33,7 @@ fn attach(t: &mut Transport, nid: u32) -> Result<Result<NodeInfo, i32>> {
     })
 }
 
-fn simple(t: &mut Transport, c: Control) -> Result<i32> {
+pub fn simple(t: &mut Transport, c: Control) -> Result<i32> {
     let out = t.control_sync(c, 0)?;
     Ok(out.result.unwrap_or_else(|e: Error| e.errno()))
 }
@@ -70,6 +70,46 @@ fn move_to(mem: &Anon, node: i32) -> Result<()> {
     })
 }
 
+/// Node `nid`'s pfn span from `/proc/zoneinfo`: (start_pfn, spanned
+/// pages, present pages) over its populated zones.
+fn zoneinfo_span(nid: u32) -> Result<(u64, u64, u64)> {
+    let text = sys::read("/proc/zoneinfo")?;
+    let head = format!("Node {nid},");
+    let (mut mine, mut spanned, mut present) = (false, 0u64, 0u64);
+    let (mut start, mut end, mut total_present) = (u64::MAX, 0u64, 0u64);
+    let num = |l: &str| -> Result<u64> {
+        l.split_whitespace()
+            .last()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("/proc/zoneinfo: {l:?}"))
+    };
+    for l in text.lines() {
+        let t = l.trim_start();
+        if l.starts_with("Node ") {
+            mine = l.starts_with(&head);
+            (spanned, present) = (0, 0);
+            continue;
+        }
+        if !mine {
+            continue;
+        }
+        if t.starts_with("spanned") {
+            spanned = num(t)?;
+        } else if t.starts_with("present") {
+            present = num(t)?;
+        } else if t.starts_with("start_pfn:") && spanned > 0 {
+            let s = num(t)?;
+            start = start.min(s);
+            end = end.max(s + spanned);
+            total_present += present;
+        }
+    }
+    ensure(end > 0, || {
+        format!("/proc/zoneinfo has no populated zone of node {nid}")
+    })?;
+    Ok((start, end - start, total_present))
+}
+
 pub fn run() -> Result<()> {
     let mut t = Transport::open(&Config::default())?;
     expect(
@@ -97,6 +137,20 @@ pub fn run() -> Result<()> {
     ensure(
         info.present_pages * 4 >= total_kb && info.spanned_pages >= info.present_pages,
         || format!("node info {info:?} does not cover MemTotal {total_kb} kB"),
+    )?;
+    let (start, spanned, present) = zoneinfo_span(1)?;
+    println!(
+        "node-mmap: /proc/zoneinfo: node 1 spans {spanned} pages from {start:#x}, {present} present"
+    );
+    ensure(
+        (info.start_pfn, info.spanned_pages, info.present_pages) == (start, spanned, present),
+        || {
+            format!(
+                "ATTACH_NODE says node 1 spans {} pages from {:#x} ({} present); /proc/zoneinfo \
+                 says {spanned} from {start:#x} ({present})",
+                info.spanned_pages, info.start_pfn, info.present_pages
+            )
+        },
     )?;
     expect(
         "ATTACH_NODE of node 1 again",

@@ -336,18 +336,46 @@ pub fn e2e() -> Result<()> {
         0xe2e1,
         Content::Compressible,
     )?;
-    agree(&srv, "after demotion", Books::FromEvents)?;
+    let on_node = agree(&srv, "after demotion", Books::FromEvents)?;
+    // Within the credit mm-server handed out: the kernel's count of
+    // anonymous pages on node 1 (nothing has left it yet) is at most what
+    // GRANT verdicts and SET_CREDIT commands gave.
+    let given = srv.get("mm_server_granted_pages_total")? as u64
+        + srv.get("mm_server_credit_set_pages_total")? as u64;
+    println!("server-e2e: {on_node} pages on node 1 for {given} pages of credit handed out");
+    ensure(on_node <= given, || {
+        format!("{on_node} pages on node 1, more than the {given} pages of credit mm-server gave")
+    })?;
 
-    let wf0 = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")?;
+    let (wf0, kwf0) = write_faults_settled(&srv)?;
+    let (no_server0, at_once0) = (stat("no_server")?, stat("decided_without_waiting")?);
     let t = Instant::now();
     fill(mem.as_mut_slice(), 0xe2e2, Content::Compressible);
-    let wf = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")? - wf0;
+    let took = t.elapsed().as_secs_f64();
+    let (wf, kwf) = write_faults_settled(&srv)?;
+    let (wf, kwf) = (wf - wf0, kwf - kwf0);
+    let (no_server, at_once) = (
+        stat("no_server")? - no_server0,
+        stat("decided_without_waiting")? - at_once0,
+    );
     let (n0, n1, _) = where_are(&mem)?;
     println!(
-        "server-e2e: rewritten in {:.1} s: {wf} WRITE_FAULT upcalls; now {n0} pages on node 0, {n1} on node 1",
-        t.elapsed().as_secs_f64()
+        "server-e2e: rewritten in {:.1} s: {wf} WRITE_FAULT upcalls answered by mm-server, {kwf} \
+         fenced write faults in the kernel ({at_once} decided at once: faults that may not wait), \
+         {no_server} without a server; now {n0} pages on node 0, {n1} on node 1",
+        took
     );
-    ensure(wf > 0.0, || "no write fault reached mm-server".into())?;
+    // Every fenced write fault went to mm-server and was answered (the
+    // anomaly check covers timeouts and aborts), except those the kernel
+    // decides at once without asking (faults that may not wait for a
+    // verdict).  mm-server is mlocked, so none of its own pages is on
+    // node 1 to fault without a server.
+    ensure(wf > 0 && wf + at_once == kwf && no_server == 0, || {
+        format!(
+            "{kwf} fenced write faults in the kernel: {wf} answered by mm-server, {at_once} \
+                 decided at once, {no_server} without a server"
+        )
+    })?;
     intact(
         "server-e2e: after rewriting",
         &mem,
@@ -359,30 +387,75 @@ pub fn e2e() -> Result<()> {
     let m = srv.metrics()?;
     let get = |k: &str| metrics::sample(&m, k).unwrap_or(f64::NAN);
     println!(
-        "server-e2e: demoted {} pages, promoted {}, measured {}, physical use {:.1} MiB for {:.1} MiB resident (ratio {:.1}), over capacity {}",
+        "server-e2e: demoted {} pages, promoted {}, measured {}, physical use {:.1} MiB for {:.1} MiB resident (ratio {:.1})",
         get("mm_server_demoted_pages_total{nid=\"1\"}"),
         get("mm_server_promoted_pages_total{nid=\"1\"}"),
         get("mm_server_measured_pages_total{nid=\"1\"}"),
         get("mm_server_physical_used_bytes{nid=\"1\"}") / f64::from(1 << 20),
         (resident * PAGE_SIZE as u64) as f64 / f64::from(1 << 20),
         get("mm_server_compression_ratio{nid=\"1\"}"),
-        get("mm_server_over_capacity_total{nid=\"1\"}"),
     );
     ensure(
-        get("mm_server_over_capacity_total{nid=\"1\"}") == 0.0,
-        || "accounted use exceeded capacity".into(),
+        get("mm_server_verdict_latency_seconds_count") >= wf as f64,
+        || "verdict latency histogram misses verdicts".into(),
     )?;
-    ensure(get("mm_server_verdict_latency_seconds_count") >= wf, || {
-        "verdict latency histogram misses verdicts".into()
-    })?;
 
     drop(mem);
     agree(&srv, "after the workload exited", Books::MayResync)?;
-    let log = srv.stop()?;
-    ensure(log.contains("detached"), || {
-        "the drain did not detach node 1 (see its log above)".into()
+    let (start, spanned) = (
+        srv.node1("node_start_pfn")?,
+        srv.node1("node_spanned_pages")?,
+    );
+    srv.stop()?;
+    // Drained and detached: no anonymous page on node 1, and node 1 can be
+    // attached again (ATTACH_NODE of a managed node is EEXIST).
+    let left = kpageflags_truth(start, spanned)?.0;
+    ensure(left == 0, || {
+        format!("after the drain, {left} anonymous pages are on node 1")
     })?;
+    let mut t = mm_upcall_kernel::Transport::open(&mm_upcall_kernel::Config::default())?;
+    let info = crate::node::attach(&mut t, 1)?.map_err(|e| {
+        anyhow::anyhow!(
+            "after the drain, ATTACH_NODE 1 fails with errno {e}: node 1 was not detached"
+        )
+    })?;
+    let r = crate::node::simple(
+        &mut t,
+        mm_upcall_kernel::proto::control::Control::DetachNode { nid: 1 },
+    )?;
+    ensure(r == 0, || format!("DETACH_NODE 1: {r}"))?;
+    println!(
+        "server-e2e: after the drain node 1 holds no anonymous page, and a new server attached \
+         it ({} pages) and detached it",
+        info.spanned_pages
+    );
     Ok(())
+}
+
+/// (mm-server's `WRITE_FAULT` upcalls, the kernel's fenced write faults)
+/// once both have stood still for a second: mm-server publishes its
+/// counters on its tick, so a single look may lag the kernel's.
+fn write_faults_settled(srv: &MmServer) -> Result<(u64, u64)> {
+    let look = || -> Result<(u64, u64)> {
+        Ok((
+            srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")? as u64,
+            stat("write_faults")?,
+        ))
+    };
+    let mut last = look()?;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = look()?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    bail!(
+        "write faults did not stop for 30 s: mm-server {}, kernel {}",
+        last.0,
+        last.1
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -497,73 +570,137 @@ pub fn restart() -> Result<()> {
 
 // ---------------------------------------------------------------------------
 
-/// `capacity-adversarial`: node 1's device is half its size; pages flip
-/// between compressible and random across demotions.  Half the pages stay
-/// compressible on node 1 while the other half come back random: the
-/// server's compression estimate (from what the node holds) says there is
-/// plenty of room, and the pages prove it wrong.
+/// `capacity-adversarial`: node 1 is a 48 MiB device in front of about
+/// 1 GiB of node memory; pages flip between compressible and random across
+/// demotions.  The compressible pages earn credit (a node of them costs
+/// one granule a page), then half of them come back random, more than the
+/// device holds: the server's compression estimate invites them and the
+/// pages prove it wrong.
+///
+/// The test computes the device's physical use itself, from the bytes of
+/// the workload's pages that `move_pages` shows on node 1 (read back
+/// through `/proc/self/mem`), sampled all along, RESYNC windows included.
 pub fn adversarial() -> Result<()> {
     const LEN: usize = 128 << 20;
     const ROUNDS: u64 = 2;
-    let cap_mib = node_mib(1, "MemTotal")? / 2;
-    // Low watermarks, so that a workload small enough for TCG reaches
-    // them; large credit grants (64 MiB at the worst case), which the
-    // compressible pages earn and the random ones then spend.
+    const CAP_MIB: u64 = 48;
+    const GRANULE: u64 = 64;
+    // The default watermarks, in percent of capacity.
+    const LOW: u64 = 60;
+    const HIGH: u64 = 80;
     let srv = MmServer::start(
         "capacity-adversarial",
-        cap_mib,
-        "watermarks = { low = 5, high = 10, critical = 15 }\n\n\
-         [policy]\ncredit_chunk_pages = 16384",
+        CAP_MIB,
+        &format!(
+            "granule = {GRANULE}\nwatermarks = {{ low = {LOW}, high = {HIGH}, critical = 95 }}"
+        ),
     )?;
     let cap = srv.node1("physical_capacity_bytes")?;
+    ensure(cap == CAP_MIB << 20, || {
+        format!("mm-server reports a capacity of {cap} bytes for {CAP_MIB} MiB")
+    })?;
+    let (low, high) = (cap * LOW / 100, cap * HIGH / 100);
     let cg = Cgroup::enter("mm-guest-adversarial")?;
     let mut mem = Anon::new(LEN)?;
     sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    let (addr, n) = (mem.addr(), pages(LEN));
 
-    // Sample the accounting all along.
+    // The random half is more than the device holds: the rewrite attempts
+    // to put more than capacity back on node 1.
+    let mut page = vec![0u8; PAGE_SIZE];
+    page_content(0, 0, Content::Random, &mut page);
+    let random_half = pages(LEN / 2) as u64 * device_cost(&page, GRANULE);
+    ensure(random_half > cap, || {
+        format!("the random half costs {random_half} bytes, not more than the {cap}-byte device")
+    })?;
+
     let stop = AtomicBool::new(false);
-    let samples = std::thread::scope(|s| -> Result<Vec<(u64, u64)>> {
-        let sampler = s.spawn(|| -> Result<Vec<(u64, u64)>> {
+    let (samples, peak) = std::thread::scope(|s| -> Result<(Vec<Sample>, u64)> {
+        let sampler = s.spawn(|| -> Result<Vec<Sample>> {
+            let mut oracle = Oracle::new(addr, n, GRANULE)?;
             let mut v = Vec::new();
             while !stop.load(Ordering::Acquire) {
+                let (pages, bytes) = oracle.sample()?;
                 let m = srv.metrics()?;
-                let used = metrics::sample(&m, "mm_server_physical_used_bytes{nid=\"1\"}")
-                    .context("used")? as u64;
-                let reserved = metrics::sample(&m, "mm_server_physical_reserved_bytes{nid=\"1\"}")
-                    .context("reserved")? as u64;
-                v.push((used, used + reserved));
-                std::thread::sleep(Duration::from_millis(200));
+                let g = |k: &str| {
+                    metrics::sample(&m, &format!("mm_server_{k}{{nid=\"1\"}}"))
+                        .with_context(|| format!("mm-server reports no {k}"))
+                };
+                v.push(Sample {
+                    pages,
+                    bytes,
+                    used: g("physical_used_bytes")? as u64,
+                    level: g("pressure_level")? as u64,
+                });
+                std::thread::sleep(Duration::from_millis(500));
             }
             Ok(v)
         });
-        let work = (|| -> Result<()> {
+        let work = (|| -> Result<u64> {
+            let mut oracle = Oracle::new(addr, n, GRANULE)?;
+            let mut peak = 0;
             for round in 0..ROUNDS {
                 let seed = 0xad0 + round;
                 fill(mem.as_mut_slice(), seed, Content::Compressible);
-                demote(&cg, &mem, &format!("round {round}: compressible"))?;
+                let d = demote(
+                    &srv,
+                    &cg,
+                    &mem,
+                    &mut oracle,
+                    cap,
+                    false,
+                    &format!("round {round}: compressible"),
+                )?;
+                // One granule a page: all of it fits.
+                let n1 = d.n1;
+                ensure(n1 == n, || {
+                    format!("round {round}: {n1} of {n} compressible pages demoted")
+                })?;
+                quiescent(&srv, &mut oracle, &format!("round {round}, compressible"))?;
                 intact(
                     &format!("capacity-adversarial: round {round}, compressible"),
                     &mem,
                     seed,
                     Content::Compressible,
                 )?;
-                // Promote half by writing it, with random bytes this time,
-                // and demote it again.
+                // Promote half by writing it, with random bytes this time.
                 let (head, _) = mem.as_mut_slice().split_at_mut(LEN / 2);
                 fill(head, seed, Content::Random);
-                demote(&cg, &mem, &format!("round {round}: half random"))?;
-                srv.measured()?;
-                let m = srv.metrics()?;
-                let g = |k: &str| {
-                    metrics::sample(&m, &format!("mm_server_{k}{{nid=\"1\"}}")).unwrap_or(f64::NAN)
-                };
-                println!(
-                    "capacity-adversarial: round {round}: used {:.1} MiB, credit {} pages, level {}, evictions {}",
-                    g("physical_used_bytes") / f64::from(1 << 20),
-                    g("credit_pages"),
-                    g("pressure_level"),
-                    g("evictions_total"),
+                let nodes = mem.page_nodes()?;
+                let (h, t) = nodes.split_at(n / 2);
+                let (head_n1, tail_n1) = (
+                    h.iter().filter(|&&x| x == 1).count(),
+                    t.iter().filter(|&&x| x == 1).count(),
                 );
+                println!(
+                    "capacity-adversarial: round {round}: after the random rewrite: {head_n1} of the head on node 1, {tail_n1} of the tail"
+                );
+                ensure(head_n1 == 0 && tail_n1 == n / 2, || {
+                    format!(
+                        "round {round}: after the rewrite, {head_n1} written pages are still on node 1 \
+                         (want 0: writes promote) and {tail_n1} of {} unwritten ones are (want all)",
+                        n / 2
+                    )
+                })?;
+                // ... and demote again: more than the device holds.
+                let d = demote(
+                    &srv,
+                    &cg,
+                    &mem,
+                    &mut oracle,
+                    cap,
+                    true,
+                    &format!("round {round}: half random"),
+                )?;
+                // The watermarks acted: mm-server evicted pages the test
+                // did not touch, and the kernel moved them.
+                ensure(d.evicted > 0, || {
+                    format!(
+                        "round {round}: no page left node 1 while the random half was demoted: nothing was evicted"
+                    )
+                })?;
+                peak = peak.max(d.max_bytes);
+                quiescent(&srv, &mut oracle, &format!("round {round}, half random"))?;
                 let (head, tail) = mem.as_slice().split_at(LEN / 2);
                 if let Some(i) = check(head, seed, Content::Random)
                     .or_else(|| check_at(tail, pages(LEN / 2), seed, Content::Compressible))
@@ -572,60 +709,271 @@ pub fn adversarial() -> Result<()> {
                 }
                 println!("capacity-adversarial: round {round}, half random: every byte intact");
             }
-            Ok(())
+            Ok(peak)
         })();
         stop.store(true, Ordering::Release);
         let v = sampler
             .join()
             .map_err(|_| anyhow::anyhow!("sampler panicked"))??;
-        work?;
-        Ok(v)
+        Ok((v, work?))
     })?;
     drop(cg);
 
-    let max_used = samples.iter().map(|s| s.0).max().unwrap_or(0);
-    let max_committed = samples.iter().map(|s| s.1).max().unwrap_or(0);
-    let over = samples.iter().filter(|s| s.0 > cap).count();
+    let max = samples.iter().map(|s| s.bytes).max().unwrap_or(0).max(peak);
+    let over: Vec<&Sample> = samples.iter().filter(|s| s.bytes > cap).collect();
+    let max_used = samples.iter().map(|s| s.used).max().unwrap_or(0);
+    let max_level = samples.iter().map(|s| s.level).max().unwrap_or(0);
     let denials = srv.node1("credit_denials_total")?;
     let evictions = srv.node1("evictions_total")?;
     let failed = srv.node1("evictions_failed_total")?;
     let over_total = srv.node1("over_capacity_total")?;
     let max_seen = srv.node1("physical_committed_max_bytes")?;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     println!(
-        "capacity-adversarial: capacity {} MiB; {} samples: max used {:.1} MiB, max used+reserved {:.1} MiB, {over} over capacity; \
-         server: max used+reserved {:.1} MiB, {over_total} over capacity; {denials} credit denials, {evictions} evictions ({failed} refused by the kernel)",
+        "capacity-adversarial: device {} MiB, high watermark {:.1} MiB; {} samples: physical use \
+         from the pages' contents (sampled, and after each reclaim) at most {:.1} MiB ({} over capacity), mm-server's used at most \
+         {:.1} MiB, pressure level at most {max_level}; mm-server: max used+reserved {:.1} MiB, \
+         {over_total} over capacity; {denials} credit denials, {evictions} evictions ({failed} \
+         refused by the kernel)",
         cap >> 20,
+        mib(high),
         samples.len(),
-        max_used as f64 / f64::from(1 << 20),
-        max_committed as f64 / f64::from(1 << 20),
-        max_seen as f64 / f64::from(1 << 20),
+        mib(max),
+        over.len(),
+        mib(max_used),
+        mib(max_seen),
     );
-    ensure(!samples.is_empty(), || "no samples".into())?;
-    ensure(over == 0 && over_total == 0 && max_seen <= cap, || {
-        "accounted physical use exceeded capacity".into()
+    ensure(samples.len() >= 10, || {
+        format!("only {} samples", samples.len())
+    })?;
+    ensure(over.is_empty(), || {
+        let s = over[0];
+        format!(
+            "the device overflowed: {} pages on node 1 hold {} bytes after compression, capacity {cap} \
+             (mm-server said {} used)",
+            s.pages, s.bytes, s.used
+        )
+    })?;
+    // Filled for real: the pages' own contents took the device past its
+    // low watermark, and mm-server saw its high one crossed.
+    ensure(max >= low && max_level >= 1, || {
+        format!(
+            "the device was not filled: the pages on node 1 cost at most {max} bytes (low \
+             watermark {low}), mm-server's pressure level reached {max_level} (want 1: high)"
+        )
+    })?;
+    ensure(over_total == 0 && max_seen <= cap, || {
+        "mm-server's own accounting exceeded capacity".into()
     })?;
     ensure(denials > 0, || "no credit request was denied".into())?;
-    ensure(evictions > 0, || "nothing was evicted".into())?;
+    ensure(evictions > 0, || "mm-server evicted nothing".into())?;
     agree(&srv, "at the end", Books::MayResync)?;
     drop(mem);
     srv.stop()?;
     Ok(())
 }
 
-/// memory.reclaim until node 1 takes no more; prints where pages are.
-fn demote(cg: &Cgroup, mem: &Anon, what: &str) -> Result<()> {
-    let mut last = usize::MAX;
-    for _ in 0..6 {
+/// One look at node 1 while the workload runs.
+struct Sample {
+    /// The workload's pages on node 1, and what they cost the device.
+    pages: u64,
+    bytes: u64,
+    /// mm-server's accounted use and pressure level.
+    used: u64,
+    level: u64,
+}
+
+/// What the simulated device stores for one page, computed by the test
+/// from the page's bytes (DESIGN.md's device model: nothing for a zero
+/// page, else the LZ4 block rounded up to the granule).  It shares no code
+/// with mm-server's accounting.
+fn device_cost(page: &[u8], granule: u64) -> u64 {
+    if page.iter().all(|&b| b == 0) {
+        return 0;
+    }
+    (lz4_flex::block::compress(page).len() as u64).div_ceil(granule) * granule
+}
+
+/// Physical use of a range of this process's pages on node 1, from their
+/// contents read back through `/proc/self/mem` (so another thread may keep
+/// writing them: the kernel copies, no reference is shared).  A page's
+/// cost is computed again only when its bytes changed (an FNV-style hash of
+/// every word), which keeps a sample of 32768 pages within a second or two
+/// under TCG.
+struct Oracle {
+    mem: std::fs::File,
+    addr: usize,
+    n: usize,
+    granule: u64,
+    buf: Vec<u8>,
+    /// Per page: (hash of its bytes, their cost) at the last look.
+    seen: Vec<(u64, u64)>,
+}
+
+fn page_hash(page: &[u8]) -> u64 {
+    page.chunks_exact(8).fold(0xcbf2_9ce4_8422_2325, |h, w| {
+        let w = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29)
+    })
+}
+
+impl Oracle {
+    fn new(addr: usize, n: usize, granule: u64) -> Result<Self> {
+        Ok(Self {
+            mem: std::fs::File::open("/proc/self/mem").context("open /proc/self/mem")?,
+            addr,
+            n,
+            granule,
+            buf: vec![0u8; 64 * PAGE_SIZE],
+            seen: vec![(0, u64::MAX); n],
+        })
+    }
+
+    /// (pages on node 1, their device cost in bytes).
+    fn sample(&mut self) -> Result<(u64, u64)> {
+        use std::os::unix::fs::FileExt as _;
+        let nodes = sys::page_nodes_at(self.addr, self.n)?;
+        let (mut pages, mut bytes) = (0u64, 0u64);
+        let mut i = 0;
+        while i < self.n {
+            if nodes[i] != 1 {
+                i += 1;
+                continue;
+            }
+            let run = nodes[i..]
+                .iter()
+                .take(self.buf.len() / PAGE_SIZE)
+                .take_while(|&&x| x == 1)
+                .count();
+            let buf = &mut self.buf[..run * PAGE_SIZE];
+            self.mem
+                .read_exact_at(buf, (self.addr + i * PAGE_SIZE) as u64)
+                .context("read /proc/self/mem")?;
+            for (k, p) in buf.chunks(PAGE_SIZE).enumerate() {
+                let h = page_hash(p);
+                let seen = &mut self.seen[i + k];
+                if seen.0 != h || seen.1 == u64::MAX {
+                    *seen = (h, device_cost(p, self.granule));
+                }
+                bytes += seen.1;
+            }
+            pages += run as u64;
+            i += run;
+        }
+        Ok((pages, bytes))
+    }
+}
+
+/// Once mm-server has measured everything and stopped evicting, its
+/// accounted use must cover the physical use the test computes from the
+/// workload's pages: exactly, plus at most a page's bound for each of the
+/// few other pages of this process that reclaim demoted (its heap and
+/// stack share the cgroup).  No page is under-charged.
+fn quiescent(srv: &MmServer, oracle: &mut Oracle, what: &str) -> Result<()> {
+    const OTHERS: u64 = 256;
+    let bound = (lz4_flex::block::get_maximum_output_size(PAGE_SIZE) as u64)
+        .div_ceil(oracle.granule)
+        * oracle.granule;
+    srv.measured()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let before = (
+            srv.node1("resident_pages")?,
+            srv.node1("physical_used_bytes")?,
+        );
+        let (pages, bytes) = oracle.sample()?;
+        let after = (
+            srv.node1("resident_pages")?,
+            srv.node1("physical_used_bytes")?,
+        );
+        let backlog = srv.node1("measure_backlog_pages")?;
+        let (books, used) = before;
+        if before == after && books >= pages && books - pages <= OTHERS && backlog == 0 {
+            let others = books - pages;
+            println!(
+                "capacity-adversarial: {what}: the workload's {pages} pages on node 1 cost {bytes} \
+                 bytes by their contents; mm-server accounts {used} bytes for {books} pages"
+            );
+            return ensure(used >= bytes && used <= bytes + others * bound, || {
+                format!(
+                    "{what}: mm-server accounts {used} bytes for {books} pages on node 1; the \
+                     workload's {pages} of them cost {bytes} by their contents, and the {others} \
+                     others at most {} more",
+                    others * bound
+                )
+            });
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what}: node 1 did not settle in 120 s: mm-server's books {} pages, {backlog} to \
+                 measure; the workload has {pages} there",
+                after.0,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        srv.measured()?;
+    }
+}
+
+/// What [`demote`] saw.
+struct Demoted {
+    /// The workload's pages on node 1 at the end.
+    n1: usize,
+    /// Pages seen on node 1 and later on node 0 while the test wrote
+    /// nothing: only mm-server's evictions (`PROMOTE_PFN`) move them.
+    evicted: usize,
+    /// The largest physical use computed after a reclaim.
+    max_bytes: u64,
+}
+
+/// memory.reclaim until node 1 takes no more (waiting for mm-server to
+/// measure, which earns credit, between tries), or with `until_evicted`
+/// until a page was evicted.  The test writes nothing meanwhile, so a page
+/// that leaves node 1 was evicted.
+fn demote(
+    srv: &MmServer,
+    cg: &Cgroup,
+    mem: &Anon,
+    oracle: &mut Oracle,
+    cap: u64,
+    until_evicted: bool,
+    what: &str,
+) -> Result<Demoted> {
+    let n = pages(mem.as_slice().len());
+    let mut was_on_1 = vec![false; n];
+    let (mut last, mut evicted, mut max_bytes) = (usize::MAX, 0, 0);
+    for _ in 0..10 {
         cg.reclaim(mem.as_slice().len() * 2);
-        let n1 = where_are(mem)?.1;
-        if n1 == last || n1 == pages(mem.as_slice().len()) {
+        let (_, bytes) = oracle.sample()?;
+        ensure(bytes <= cap, || {
+            format!(
+                "{what}: after a reclaim, the workload's pages on node 1 cost {bytes} bytes, capacity {cap}"
+            )
+        })?;
+        max_bytes = max_bytes.max(bytes);
+        srv.measured()?;
+        let nodes = mem.page_nodes()?;
+        for (seen, &nid) in was_on_1.iter_mut().zip(&nodes) {
+            evicted += usize::from(*seen && nid == 0);
+            *seen = nid == 1;
+        }
+        let n1 = was_on_1.iter().filter(|&&x| x).count();
+        if n1 == last || n1 == n || (until_evicted && evicted > 0) {
             break;
         }
         last = n1;
     }
     let (n0, n1, _) = where_are(mem)?;
-    println!("capacity-adversarial: {what}: {n0} pages on node 0, {n1} on node 1");
-    Ok(())
+    println!(
+        "capacity-adversarial: {what}: {n0} pages on node 0, {n1} on node 1; {evicted} evicted \
+         meanwhile; physical use after a reclaim at most {:.1} MiB",
+        max_bytes as f64 / f64::from(1 << 20)
+    );
+    Ok(Demoted {
+        n1,
+        evicted,
+        max_bytes,
+    })
 }
 
 // ---------------------------------------------------------------------------

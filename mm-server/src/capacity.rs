@@ -109,6 +109,15 @@ pub fn measure(geometry: &Geometry, page: &[u8]) -> u32 {
     geometry.round(compressed.len() as u32)
 }
 
+/// A pfn's share of an order-independent set hash (summed, so a page
+/// added and removed cancels out): splitmix64's finaliser.
+pub fn pfn_hash(pfn: u64) -> u64 {
+    let mut z = pfn.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Per-page state, packed in 32 bits:
 /// `state:2 | granules:10 | heat:8 | spare:12`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -206,6 +215,9 @@ pub struct NodeAccount {
     /// by credited placements, released after a grace period.
     retiring: u64,
     resident: u64,
+    /// Sum of [`pfn_hash`] over the resident pfns: the set, comparable
+    /// with one computed from `/proc/kpageflags`.
+    set_hash: u64,
     zero_pages: u64,
     writable: u64,
     /// Pages in state `Measured`, and what they cost: the node's measured
@@ -231,6 +243,7 @@ impl NodeAccount {
             credit: 0,
             retiring: 0,
             resident: 0,
+            set_hash: 0,
             zero_pages: 0,
             writable: 0,
             measured_pages: 0,
@@ -286,6 +299,12 @@ impl NodeAccount {
 
     pub fn resident_pages(&self) -> u64 {
         self.resident
+    }
+
+    /// The resident set's hash (see [`pfn_hash`]), 52 bits so that it
+    /// survives a Prometheus sample (a double) exactly.
+    pub fn set_hash(&self) -> u64 {
+        self.set_hash & ((1 << 52) - 1)
     }
 
     pub fn zero_pages(&self) -> u64 {
@@ -405,6 +424,9 @@ impl NodeAccount {
             self.pages[i] = PageMeta::default().with_state(PageState::Unmeasured);
             self.used += u64::from(self.worst);
             self.resident += 1;
+            self.set_hash = self
+                .set_hash
+                .wrapping_add(pfn_hash(self.start_pfn + i as u64));
             if credited {
                 // Retiring credit first: those demotions started before the
                 // last SET_CREDIT.
@@ -481,6 +503,9 @@ impl NodeAccount {
             let m = self.pages[i];
             self.used -= self.cost(m);
             self.resident -= 1;
+            self.set_hash = self
+                .set_hash
+                .wrapping_sub(pfn_hash(self.start_pfn + i as u64));
             if m.state() == PageState::Measured {
                 self.measured_pages -= 1;
                 self.measured_bytes -= self.cost(m);
@@ -637,6 +662,7 @@ impl NodeAccount {
         self.pages.fill(PageMeta::default());
         self.used = 0;
         self.resident = 0;
+        self.set_hash = 0;
         self.zero_pages = 0;
         self.writable = 0;
         self.measured_pages = 0;

@@ -76,6 +76,7 @@ pub struct NodeGauges {
     pub reserved: u64,
     pub credit: u64,
     pub resident: u64,
+    pub set_hash: u64,
     pub zero: u64,
     pub level: u8,
 }
@@ -91,6 +92,7 @@ impl NodeGauges {
             reserved: a.reserved(),
             credit: a.credit(),
             resident: a.resident_pages(),
+            set_hash: a.set_hash(),
             zero: a.zero_pages(),
             level: match a.level() {
                 Level::Normal => 0,
@@ -245,7 +247,7 @@ impl Snapshot {
             let _ = writeln!(o, "mm_server_{name} {v}");
         }
         type Field = fn(&NodeGauges, &NodeCounters) -> f64;
-        let per_node: [(&str, &str, &str, Field); 23] = [
+        let per_node: [(&str, &str, &str, Field); 24] = [
             (
                 "measure_backlog_pages",
                 "gauge",
@@ -371,6 +373,13 @@ impl Snapshot {
                 "gauge",
                 "Pages resident on the node.",
                 |g, _| g.resident as f64,
+            ),
+            (
+                "books_set_hash",
+                "gauge",
+                "Order-independent hash of the resident pfns (52 bits), to compare the books with \
+                 another view of the node as sets.",
+                |g, _| g.set_hash as f64,
             ),
             (
                 "zero_pages",

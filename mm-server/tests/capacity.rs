@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use mm_server::capacity::{AccountError, Geometry, Level, NodeAccount, PAGE_SIZE, measure};
+use mm_server::capacity::{
+    AccountError, Geometry, Level, NodeAccount, PAGE_SIZE, measure, pfn_hash,
+};
 use proptest::prelude::*;
 
 const START: u64 = 0x4_0000;
@@ -173,6 +175,9 @@ proptest! {
             prop_assert_eq!(used, acct.used());
             prop_assert_eq!(resident, acct.resident_pages());
             prop_assert_eq!(zero, acct.zero_pages());
+            // The set hash is the model's set, not just its size.
+            let set = model.pages.keys().fold(0u64, |h, &p| h.wrapping_add(pfn_hash(p)));
+            prop_assert_eq!(acct.set_hash(), set & ((1 << 52) - 1));
             prop_assert!(model.writable.len() <= 4);
         }
     }

@@ -72,7 +72,7 @@ fn move_to(mem: &Anon, node: i32) -> Result<()> {
 
 /// Node `nid`'s pfn span from `/proc/zoneinfo`: (start_pfn, spanned
 /// pages, present pages) over its populated zones.
-fn zoneinfo_span(nid: u32) -> Result<(u64, u64, u64)> {
+pub fn zoneinfo_span(nid: u32) -> Result<(u64, u64, u64)> {
     let text = sys::read("/proc/zoneinfo")?;
     let head = format!("Node {nid},");
     let (mut mine, mut spanned, mut present) = (false, 0u64, 0u64);

@@ -128,19 +128,34 @@ impl MmServer {
         Ok(())
     }
 
-    /// Wait until the books equal the kernel's truth (events are
-    /// asynchronous); returns (books, truth) of the last look.
-    pub fn settle(&self, what: &str) -> Result<(u64, u64)> {
-        let start = self.node1("node_start_pfn")?;
-        let spanned = self.node1("node_spanned_pages")?;
+    /// Wait until the books equal the kernel's truth as sets (events are
+    /// asynchronous): (pages, 52-bit set hash) of mm-server's books and of
+    /// the anonymous pages `/proc/kpageflags` shows on node 1 in the span
+    /// `/proc/zoneinfo` gives.  Returns both of the last look.
+    pub fn settle(&self, what: &str) -> Result<((u64, u64), (u64, u64))> {
+        let (start, spanned) = (
+            self.node1("node_start_pfn")?,
+            self.node1("node_spanned_pages")?,
+        );
+        let (zstart, zspanned, _) = crate::node::zoneinfo_span(1)?;
+        ensure((start, spanned) == (zstart, zspanned), || {
+            format!(
+                "mm-server says node 1 spans {spanned} pages from {start:#x}, /proc/zoneinfo \
+                 {zspanned} from {zstart:#x}"
+            )
+        })?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let books = self.node1("resident_pages")?;
-            let (truth, _) = kpageflags_truth(start, spanned)?;
+            let books = (self.node1("resident_pages")?, self.node1("books_set_hash")?);
+            let (n, hash) = kpageflags_truth(start, spanned)?;
+            let truth = (n, hash & ((1 << 52) - 1));
             if books == truth || Instant::now() > deadline {
                 println!(
-                    "{}: {what}: mm-server's books: {books} pages on node 1; /proc/kpageflags: {truth}",
-                    self.name
+                    "{}: {what}: mm-server's books: {} pages on node 1; /proc/kpageflags: {}{}",
+                    self.name,
+                    books.0,
+                    truth.0,
+                    if books == truth { ", the same set" } else { "" }
                 );
                 return Ok((books, truth));
             }
@@ -270,8 +285,13 @@ enum Books {
 fn agree(srv: &MmServer, what: &str, how: Books) -> Result<u64> {
     let (books, truth) = srv.settle(what)?;
     ensure(books == truth, || {
-        format!("{what}: mm-server's books ({books}) differ from the kernel's truth ({truth})")
+        format!(
+            "{what}: mm-server's books ({} pages, set hash {:#x}) differ from the kernel's truth \
+             ({} pages, set hash {:#x})",
+            books.0, books.1, truth.0, truth.1
+        )
     })?;
+    let truth = truth.0;
     // Books that match only because mm-server healed them do not count:
     // no event contradicted them, no slot failed, no upcall was malformed.
     // (Lost events are counted by the kernel and checked per scenario.)
@@ -570,7 +590,7 @@ pub fn restart() -> Result<()> {
 
 // ---------------------------------------------------------------------------
 
-/// `capacity-adversarial`: node 1 is a 48 MiB device in front of about
+/// `capacity-adversarial`: node 1 is a 32 MiB device in front of about
 /// 1 GiB of node memory; pages flip between compressible and random across
 /// demotions.  The compressible pages earn credit (a node of them costs
 /// one granule a page), then half of them come back random, more than the
@@ -581,9 +601,9 @@ pub fn restart() -> Result<()> {
 /// the workload's pages that `move_pages` shows on node 1 (read back
 /// through `/proc/self/mem`), sampled all along, RESYNC windows included.
 pub fn adversarial() -> Result<()> {
-    const LEN: usize = 128 << 20;
+    const LEN: usize = 96 << 20;
     const ROUNDS: u64 = 2;
-    const CAP_MIB: u64 = 48;
+    const CAP_MIB: u64 = 32;
     const GRANULE: u64 = 64;
     // The default watermarks, in percent of capacity.
     const LOW: u64 = 60;

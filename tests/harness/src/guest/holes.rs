@@ -25,7 +25,7 @@ use io_uring::{IoUring, opcode, types};
 
 use crate::fence::demoted;
 use crate::managed::{NODE, Server, where_are};
-use crate::sys::{self, Anon, PAGE_SIZE, ensure};
+use crate::sys::{self, Anon, Cgroup, PAGE_SIZE, ensure};
 use crate::upcall::stat;
 
 /// How long a store or a stop may take before it counts as hung.
@@ -962,8 +962,129 @@ pub fn isolation_paths() -> Result<()> {
             ("finding 6 (hugetlb pool pages)", hugetlb_pool),
             ("finding 7 (MADV_COLLAPSE of demoted ranges)", collapse),
             ("finding 9 (DAMON migrate_cold)", damon_migrate),
+            ("finding 9 (refund after a revoke)", refund_after_revoke),
         ],
     )
+}
+
+/// Allocations the page allocator satisfied on `nid` (its `numastat`
+/// `numa_hit`; the test kernel has no `/proc/vmstat` event counters).
+fn numa_hit(nid: u32) -> Result<u64> {
+    let path = format!("/sys/devices/system/node/node{nid}/numastat");
+    sys::read(&path)?
+        .lines()
+        .find_map(|l| l.strip_prefix("numa_hit ")?.trim().parse().ok())
+        .with_context(|| format!("{path} has no numa_hit"))
+}
+
+/// Finding 9, second half: a demotion target given back after the server
+/// set the node's credit again must not refund into the new credit.
+///
+/// Every page of a buffer is spliced into a pipe, so it holds an extra
+/// reference: its demotion spends a page of credit, allocates the target
+/// on node 1, fails to move and gives the target back (a refund), again
+/// and again, while a thread keeps reclaiming the buffer's cgroup.  The
+/// server sets the credit to 0 among those attempts, the thread stops,
+/// and pages of another cgroup are reclaimed: with the credit really 0
+/// none of them may reach node 1 (the server denies every request).  Before
+/// the fix, a refund that landed after the SET_CREDIT put credit back that
+/// the server never gave.
+fn refund_after_revoke() -> Result<()> {
+    const HELD: usize = 512;
+    const CYCLES: usize = 30;
+    let mut srv = Server::start(0)?;
+    srv.cmd("credit mode deny")?;
+    let probe_cg = Cgroup::enter("mm-guest-refund-probe")?;
+    let mut probe = Anon::new(1 << 20)?;
+    sys::madvise(&probe, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(probe.as_mut_slice(), 0x9b);
+    let cg = Cgroup::enter("mm-guest-refund")?;
+    let mut held = Anon::new(HELD * PAGE_SIZE)?;
+    sys::madvise(&held, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(held.as_mut_slice(), 0x9a);
+    // Splice every page into pipes of 256 buffers each (not read: each
+    // buffer keeps its page referenced).
+    let mut pipes = Vec::new();
+    for chunk in held.as_slice().chunks(256 * PAGE_SIZE) {
+        let mut fds = [0i32; 2];
+        // SAFETY: fds has room for the two descriptors.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("pipe2");
+        }
+        // SAFETY: pipe2 returned two descriptors we now own.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: plain fcntl on a pipe we own.
+        if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 256 * PAGE_SIZE as i32) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("F_SETPIPE_SZ");
+        }
+        let iov = libc::iovec {
+            iov_base: chunk.as_ptr() as *mut libc::c_void,
+            iov_len: chunk.len(),
+        };
+        // SAFETY: one iovec over our own mapping; the pipe takes page
+        // references and never writes to them.
+        let n = unsafe { libc::vmsplice(w.as_raw_fd(), &iov, 1, libc::SPLICE_F_NONBLOCK) };
+        ensure(n == chunk.len() as isize, || {
+            format!("vmsplice took {n} of {} bytes", chunk.len())
+        })?;
+        pipes.push((r, w));
+    }
+    let hit0 = numa_hit(NODE)?;
+    let mut leaked = 0;
+    let mut cycles = 0;
+    while cycles < CYCLES && leaked == 0 {
+        cycles += 1;
+        ensure(srv.result("credit set 65536")? == 0, || {
+            "SET_CREDIT 65536 failed".into()
+        })?;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| -> Result<()> {
+            let hammer = s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    cg.reclaim(2 * HELD * PAGE_SIZE);
+                }
+            });
+            std::thread::sleep(Duration::from_millis(20 + 7 * cycles as u64));
+            let r = srv.result("credit set 0");
+            std::thread::sleep(Duration::from_millis(20));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            hammer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the reclaim thread panicked"))?;
+            ensure(r? == 0, || "SET_CREDIT 0 failed".into())
+        })?;
+        probe_cg.reclaim(2 * probe.as_slice().len());
+        leaked = where_are(&probe)?.1;
+    }
+    // Nothing but these demotions allocates on node 1 meanwhile.
+    let targets = numa_hit(NODE)? - hit0;
+    let on1 = where_are(&held)?.1;
+    println!(
+        "isolation-paths: {cycles} revokes among demotions of {HELD} referenced pages \
+         ({targets} targets allocated on node 1, each given back); {on1} of them on node 1; \
+         then {leaked} pages of another cgroup demoted with the credit at 0"
+    );
+    drop(pipes);
+    drop(cg);
+    drop(probe_cg);
+    ensure(targets >= HELD as u64 && on1 == 0, || {
+        format!(
+            "{targets} targets allocated on node 1 and {on1} referenced pages moved there: \
+             the demotions did not fail as set up"
+        )
+    })?;
+    ensure(leaked == 0, || {
+        format!(
+            "after SET_CREDIT 0, {leaked} pages were demoted without credit from the server: a \
+             refund across the revoke put credit back"
+        )
+    })?;
+    if let Some(i) = sys::check_pattern(probe.as_slice(), 0x9b)
+        .or_else(|| sys::check_pattern(held.as_slice(), 0x9a))
+    {
+        bail!("page {i} lost its contents");
+    }
+    srv.quit()
 }
 
 fn hugetlb_nr(nid: u32) -> String {

@@ -105,6 +105,8 @@ struct State {
     promoted: u64,
     overflows: u64,
     malformed: u64,
+    /// Slots whose fetch failed (re-armed); `quit` requires none.
+    slot_failures: u64,
     books: Books,
     /// Events were lost: the books need a RESYNC.
     stale: bool,
@@ -367,7 +369,7 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
         ["self-write"] => self_write()?,
         ["quit"] => {
             let out = t.control_sync(Control::DetachNode { nid: NODE }, 0)?;
-            println!("OK {}", errno_of(&out));
+            println!("OK {} {}", errno_of(&out), st.slot_failures);
             return Ok(None);
         }
         _ => bail!("unknown command `{line}`"),
@@ -453,6 +455,7 @@ pub fn serve(args: &[String]) -> Result<()> {
         promoted: 0,
         overflows: 0,
         malformed: 0,
+        slot_failures: 0,
         books: Books::default(),
         stale: false,
         hold: false,
@@ -499,6 +502,7 @@ pub fn serve(args: &[String]) -> Result<()> {
                     t.commit(slot, seq, Verdict::Default)?;
                 }
                 Completion::SlotFailed { slot, error } => {
+                    st.slot_failures += 1;
                     eprintln!("server: slot {slot} failed: {error}; re-arming");
                     t.fetch(slot)?;
                 }
@@ -660,6 +664,14 @@ impl Server {
         let status = self.child.wait()?;
         if w.first().map(String::as_str) != Some("0") || !status.success() {
             bail!("the test server did not detach cleanly: {w:?}, {status}");
+        }
+        // Books and verdicts are only as good as the slots that carried
+        // them: a failed fetch is re-armed, and must not happen at all.
+        if w.get(1).map(String::as_str) != Some("0") {
+            bail!(
+                "the test server's slots failed {} time(s)",
+                w.get(1).map_or("?", String::as_str)
+            );
         }
         Ok(())
     }

@@ -73,7 +73,10 @@ pub fn serve_ping(
                 Completion::Control { token: tk, outcome } if tk == token => {
                     let reply = ping_reply(outcome)?;
                     if events {
-                        cookies.extend(drain_ping_events(t, n as usize)?);
+                        // Only the events not collected yet: asking for n
+                        // more would sit out the 30 s (review L8).
+                        let more = (n as usize).saturating_sub(cookies.len());
+                        cookies.extend(drain_ping_events(t, more)?);
                     }
                     return Ok((reply, seen, cookies));
                 }

@@ -188,16 +188,13 @@ impl Transport {
     /// [`Error::Command`] for HELLO, [`Error::Features`], [`Error::Mmap`],
     /// ring errors.
     pub fn negotiate(&mut self, cfg: &Config) -> Result<(), Error> {
-        let out = self.control_sync(
-            Control::Hello {
-                nr_queues: cfg.nr_queues,
-                queue_depth: cfg.queue_depth,
-                timeout_ms: cfg.timeout_ms,
-                features: cfg.features,
-                reply_addr: 0,
-            },
-            size_of::<raw::HelloReply>(),
-        )?;
+        let out = self.control_sync(Control::Hello {
+            nr_queues: cfg.nr_queues,
+            queue_depth: cfg.queue_depth,
+            timeout_ms: cfg.timeout_ms,
+            features: cfg.features,
+            reply_addr: 0,
+        })?;
         out.result?;
         self.hello = HelloReply::decode(&out.reply)?;
         let missing = cfg.required & !self.hello.features;
@@ -298,17 +295,18 @@ impl Transport {
         self.ring.submit().map(|_| ()).map_err(Error::Enter)
     }
 
-    /// Submit a control command; its reply buffer (`reply_len` bytes) is
-    /// patched into the command's `reply_addr`.  Its result arrives as
-    /// [`Completion::Control`] with the returned token.
+    /// Submit a control command; a reply buffer of the size of the
+    /// command's reply record ([`Control::reply_len`]) is patched into its
+    /// `reply_addr`, so the kernel can never write past it.  Its result
+    /// arrives as [`Completion::Control`] with the returned token.
     ///
     /// # Errors
     ///
     /// Ring errors.
-    pub fn submit_control(&mut self, ctrl: Control, reply_len: usize) -> Result<usize, Error> {
+    pub fn submit_control(&mut self, ctrl: Control) -> Result<usize, Error> {
         let mut op = CtrlOp {
             name: ctrl_name(ctrl.cmd_op()),
-            reply: vec![0u8; reply_len].into_boxed_slice(),
+            reply: vec![0u8; ctrl.reply_len()].into_boxed_slice(),
         };
         let addr = op.reply.as_mut_ptr() as u64;
         let ctrl = match ctrl {
@@ -450,12 +448,8 @@ impl Transport {
     /// # Errors
     ///
     /// Ring errors; the command's own result is in the outcome.
-    pub fn control_sync(
-        &mut self,
-        ctrl: Control,
-        reply_len: usize,
-    ) -> Result<ControlOutcome, Error> {
-        let token = self.submit_control(ctrl, reply_len)?;
+    pub fn control_sync(&mut self, ctrl: Control) -> Result<ControlOutcome, Error> {
+        let token = self.submit_control(ctrl)?;
         self.wait_control(token)
     }
 

@@ -220,14 +220,11 @@ fn low_on_memory(nids: &[u16]) -> Vec<u16> {
 }
 
 fn attach(t: &mut Transport, nid: u16) -> Result<NodeInfo> {
-    let out = t.control_sync(
-        Control::AttachNode {
-            nid: u32::from(nid),
-            credit_pages: 0,
-            reply_addr: 0,
-        },
-        size_of::<NodeInfo>(),
-    )?;
+    let out = t.control_sync(Control::AttachNode {
+        nid: u32::from(nid),
+        credit_pages: 0,
+        reply_addr: 0,
+    })?;
     match errno_of(&out) {
         0.. => Ok(decode_node_info(&out.reply)?),
         e if e == -libc::ENXIO => bail!(
@@ -485,7 +482,7 @@ impl Daemon {
     }
 
     fn submit(&mut self, ctrl: Control, why: Ctrl) -> Result<()> {
-        let token = self.t.submit_control(ctrl, 0)?;
+        let token = self.t.submit_control(ctrl)?;
         self.ctrl.insert(token, why);
         Ok(())
     }
@@ -1015,12 +1012,9 @@ impl Daemon {
                 );
                 continue;
             }
-            let out = self.t.control_sync(
-                Control::DetachNode {
-                    nid: u32::from(nid),
-                },
-                0,
-            )?;
+            let out = self.t.control_sync(Control::DetachNode {
+                nid: u32::from(nid),
+            })?;
             match errno_of(&out) {
                 0.. => tracing::info!(nid, "node empty (RESYNC reports no page): detached"),
                 e => tracing::error!(nid, "DETACH_NODE failed: {}", os_error(e)),

@@ -28,6 +28,7 @@ fn snapshot() -> Snapshot {
             reserved: 0,
             credit: 0,
             resident: 1024,
+            set_hash: 0x1234,
             zero: 10,
             level: 0,
         },

@@ -50,6 +50,23 @@ pub enum Control {
     },
 }
 
+impl Control {
+    /// Bytes of the reply record the kernel writes to the command's
+    /// `reply_addr` (0: the command has none).  A transport sizes the reply
+    /// buffer from this, never from its caller.
+    pub const fn reply_len(&self) -> usize {
+        match self {
+            Control::Hello { .. } => size_of::<raw::HelloReply>(),
+            Control::AttachNode { .. } => size_of::<raw::NodeInfo>(),
+            Control::Ping { .. } => size_of::<raw::PingReply>(),
+            Control::DetachNode { .. }
+            | Control::SetCredit { .. }
+            | Control::PromotePfn { .. }
+            | Control::Resync { .. } => 0,
+        }
+    }
+}
+
 /// The 80-byte command area of a 128-byte SQE.
 pub type CmdArea = [u8; CTRL_CMD_SIZE];
 

@@ -856,3 +856,43 @@ fn fuzz_seed_corpora_decode() {
     }
     assert!(checked >= 5 * 16, "only {checked} seeds");
 }
+
+/// The reply buffer a transport allocates is the whole record the kernel
+/// writes: a caller can no longer choose it (a shorter one was a heap
+/// overflow reachable from safe code).
+#[test]
+fn reply_buffers_fit_the_kernels_records() {
+    let hello = Control::Hello {
+        nr_queues: 1,
+        queue_depth: 8,
+        timeout_ms: 0,
+        features: 0,
+        reply_addr: 0,
+    };
+    let attach = Control::AttachNode {
+        nid: 1,
+        credit_pages: 0,
+        reply_addr: 0,
+    };
+    let ping = Control::Ping {
+        nr_upcalls: 1,
+        nr_threads: 1,
+        events: false,
+        reply_addr: 0,
+    };
+    assert_eq!(hello.reply_len(), size_of::<raw::HelloReply>());
+    assert_eq!(attach.reply_len(), size_of::<raw::NodeInfo>());
+    assert_eq!(ping.reply_len(), size_of::<raw::PingReply>());
+    for none in [
+        Control::DetachNode { nid: 1 },
+        Control::SetCredit { nid: 1, pages: 1 },
+        Control::PromotePfn { pfn: 1, nid: 0 },
+        Control::Resync {
+            nid: 1,
+            start_pfn: 0,
+            nr_pages: 1,
+        },
+    ] {
+        assert_eq!(none.reply_len(), 0, "{none:?}");
+    }
+}

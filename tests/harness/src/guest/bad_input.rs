@@ -163,16 +163,13 @@ pub fn run() -> Result<()> {
     without_sqe128(&t)?;
 
     // A good HELLO, with unknown feature bits masked off and echoed.
-    let out = t.control_sync(
-        Control::Hello {
-            nr_queues: 1,
-            queue_depth: 8,
-            timeout_ms: 0,
-            features: u64::MAX,
-            reply_addr: 0,
-        },
-        size_of::<raw::HelloReply>(),
-    )?;
+    let out = t.control_sync(Control::Hello {
+        nr_queues: 1,
+        queue_depth: 8,
+        timeout_ms: 0,
+        features: u64::MAX,
+        reply_addr: 0,
+    })?;
     out.result?;
     let reply = mm_upcall_kernel::proto::control::HelloReply::decode(&out.reply)?;
     ensure(reply.features == raw::features::ALL, || {
@@ -403,15 +400,12 @@ fn writable_mapping(t: &Transport) -> Result<()> {
 /// A verdict that does not fit the upcall fails the commit with EINVAL and
 /// the waiter gets the default.
 fn bad_verdict(t: &mut Transport) -> Result<()> {
-    let token = t.submit_control(
-        Control::Ping {
-            nr_upcalls: 1,
-            nr_threads: 1,
-            events: false,
-            reply_addr: 0,
-        },
-        size_of::<raw::PingReply>(),
-    )?;
+    let token = t.submit_control(Control::Ping {
+        nr_upcalls: 1,
+        nr_threads: 1,
+        events: false,
+        reply_addr: 0,
+    })?;
     let mut out = Vec::new();
     let mut failed = None;
     loop {

@@ -219,14 +219,11 @@ fn resync(t: &mut Transport, st: &mut State) -> Result<()> {
     let mut pfn = st.info.start_pfn;
     let deadline = Instant::now() + Duration::from_secs(120);
     while pfn < end {
-        let out = t.control_sync(
-            Control::Resync {
-                nid: NODE,
-                start_pfn: pfn,
-                nr_pages: end - pfn,
-            },
-            0,
-        )?;
+        let out = t.control_sync(Control::Resync {
+            nid: NODE,
+            start_pfn: pfn,
+            nr_pages: end - pfn,
+        })?;
         match errno_of(&out) {
             n if n > 0 => pfn += n as u64,
             n if n == -libc::EAGAIN => {}
@@ -312,13 +309,10 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
             "OK".into()
         }
         ["credit", "set", _] => {
-            let out = t.control_sync(
-                Control::SetCredit {
-                    nid: NODE,
-                    pages: num(2)?,
-                },
-                0,
-            )?;
+            let out = t.control_sync(Control::SetCredit {
+                nid: NODE,
+                pages: num(2)?,
+            })?;
             format!("OK {}", errno_of(&out))
         }
         ["credit", "mode", mode] => {
@@ -341,24 +335,18 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
             format!("OK {r} {on} {}", status.len() - on)
         }
         ["promote" | "raw-promote", _, _] => {
-            let out = t.control_sync(
-                Control::PromotePfn {
-                    pfn: num(1)?,
-                    nid: num(2)? as u32,
-                },
-                0,
-            )?;
+            let out = t.control_sync(Control::PromotePfn {
+                pfn: num(1)?,
+                nid: num(2)? as u32,
+            })?;
             format!("OK {}", errno_of(&out))
         }
         ["raw-resync", _, _] => {
-            let out = t.control_sync(
-                Control::Resync {
-                    nid: NODE,
-                    start_pfn: num(1)?,
-                    nr_pages: num(2)?,
-                },
-                0,
-            )?;
+            let out = t.control_sync(Control::Resync {
+                nid: NODE,
+                start_pfn: num(1)?,
+                nr_pages: num(2)?,
+            })?;
             format!("OK {}", errno_of(&out))
         }
         ["resync"] => {
@@ -368,7 +356,7 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
         }
         ["self-write"] => self_write()?,
         ["quit"] => {
-            let out = t.control_sync(Control::DetachNode { nid: NODE }, 0)?;
+            let out = t.control_sync(Control::DetachNode { nid: NODE })?;
             println!("OK {} {}", errno_of(&out), st.slot_failures);
             return Ok(None);
         }
@@ -428,14 +416,11 @@ pub fn serve(args: &[String]) -> Result<()> {
         required: features,
         ..Config::default()
     })?;
-    let out = t.control_sync(
-        Control::AttachNode {
-            nid: NODE,
-            credit_pages: credit,
-            reply_addr: 0,
-        },
-        size_of::<NodeInfo>(),
-    )?;
+    let out = t.control_sync(Control::AttachNode {
+        nid: NODE,
+        credit_pages: credit,
+        reply_addr: 0,
+    })?;
     if let Err(e) = &out.result {
         bail!("ATTACH_NODE {NODE}: {e}");
     }

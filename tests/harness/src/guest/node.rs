@@ -19,14 +19,11 @@ use crate::sys::{self, Anon, PAGE_SIZE, ensure};
 const MPOL_MF_MOVE: libc::c_int = 1 << 1;
 
 pub fn attach(t: &mut Transport, nid: u32) -> Result<Result<NodeInfo, i32>> {
-    let out = t.control_sync(
-        Control::AttachNode {
-            nid,
-            credit_pages: 128,
-            reply_addr: 0,
-        },
-        size_of::<NodeInfo>(),
-    )?;
+    let out = t.control_sync(Control::AttachNode {
+        nid,
+        credit_pages: 128,
+        reply_addr: 0,
+    })?;
     Ok(match out.result {
         Ok(_) => Ok(decode_node_info(&out.reply)?),
         Err(e) => Err(e.errno()),
@@ -34,7 +31,7 @@ pub fn attach(t: &mut Transport, nid: u32) -> Result<Result<NodeInfo, i32>> {
 }
 
 pub fn simple(t: &mut Transport, c: Control) -> Result<i32> {
-    let out = t.control_sync(c, 0)?;
+    let out = t.control_sync(c)?;
     Ok(out.result.unwrap_or_else(|e: Error| e.errno()))
 }
 

@@ -24,15 +24,12 @@ use crate::sys::ensure;
 /// Ask the kernel for a PING run; its result arrives as a control
 /// completion with the returned token.
 fn start_ping(t: &mut Transport, n: u32, threads: u16, events: bool) -> Result<usize> {
-    Ok(t.submit_control(
-        Control::Ping {
-            nr_upcalls: n,
-            nr_threads: threads,
-            events,
-            reply_addr: 0,
-        },
-        size_of::<PingReply>(),
-    )?)
+    Ok(t.submit_control(Control::Ping {
+        nr_upcalls: n,
+        nr_threads: threads,
+        events,
+        reply_addr: 0,
+    })?)
 }
 
 /// Answer a PING upcall with its PONG; anything else is a test failure.
@@ -567,14 +564,11 @@ pub fn demo() -> Result<()> {
         r.total_ns as f64 / r.answered.max(1) as f64 / 1e3,
         r.quantile_ns(990) as f64 / 1e3
     );
-    let out = t.control_sync(
-        Control::AttachNode {
-            nid: 1,
-            credit_pages: 0,
-            reply_addr: 0,
-        },
-        size_of::<raw::NodeInfo>(),
-    )?;
+    let out = t.control_sync(Control::AttachNode {
+        nid: 1,
+        credit_pages: 0,
+        reply_addr: 0,
+    })?;
     out.result?;
     let info = mm_upcall_kernel::proto::control::decode_node_info(&out.reply)?;
     println!(

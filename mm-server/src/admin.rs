@@ -53,8 +53,18 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serve `listener` from `snapshot` on a new thread, for the life of the
-/// process.
+/// process, to root only.
 pub fn spawn(listener: UnixListener, snapshot: Arc<Mutex<Snapshot>>) -> io::Result<()> {
+    spawn_for(listener, snapshot, 0)
+}
+
+/// As [`spawn`], for clients of uid `allowed_uid` (root: 0).  Tests give
+/// their own uid, so that every check runs whoever runs them.
+pub fn spawn_for(
+    listener: UnixListener,
+    snapshot: Arc<Mutex<Snapshot>>,
+    allowed_uid: u32,
+) -> io::Result<()> {
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
@@ -81,7 +91,7 @@ pub fn spawn(listener: UnixListener, snapshot: Arc<Mutex<Snapshot>>) -> io::Resu
                 let spawned = std::thread::Builder::new()
                     .name("admin-client".into())
                     .spawn(move || {
-                        if let Err(e) = client(&mut s, &snap) {
+                        if let Err(e) = client(&mut s, &snap, allowed_uid) {
                             tracing::debug!("admin client: {e}");
                         }
                         act.fetch_sub(1, Ordering::AcqRel);
@@ -155,10 +165,10 @@ pub fn metrics_frame(text: &str) -> Vec<u8> {
     out
 }
 
-fn client(s: &mut UnixStream, snap: &Mutex<Snapshot>) -> io::Result<()> {
+fn client(s: &mut UnixStream, snap: &Mutex<Snapshot>, allowed_uid: u32) -> io::Result<()> {
     s.set_read_timeout(Some(READ_TIMEOUT))?;
     s.set_write_timeout(Some(READ_TIMEOUT))?;
-    if crate::sys::peer_uid(s)? != 0 {
+    if crate::sys::peer_uid(s)? != allowed_uid {
         return error(s, -libc::EPERM, ErrorCode::PermissionDenied);
     }
     let mut hello = false;

@@ -163,14 +163,32 @@ pub fn upcall() -> Result<()> {
 
 /// Nanoseconds per page to write the first word of every page of a region
 /// the server moved to node 1.
-fn managed_write_round(srv: &mut crate::managed::Server, seed: u64) -> Result<f64> {
+/// One timed round of write faults on 2048 managed pages.  With `upcalls`
+/// every fault must have asked the server; without, none may have (the
+/// server did not negotiate WRITE_FAULT): each round checks it measured
+/// what it says, from the kernel's counters (review L6).
+fn managed_write_round(srv: &mut crate::managed::Server, seed: u64, upcalls: bool) -> Result<f64> {
     const LEN: usize = 8 << 20;
+    let n = (LEN / crate::sys::PAGE_SIZE) as u64;
     let mut mem = crate::fence::demoted(srv, LEN, seed, false)?;
+    let before = crate::upcall::stats()?;
     let start = Instant::now();
     crate::fence::flip(&mut mem, |_| true);
-    let ns = start.elapsed().as_nanos() as f64 / (LEN / crate::sys::PAGE_SIZE) as f64;
+    let ns = start.elapsed().as_nanos() as f64 / n as f64;
+    let after = crate::upcall::stats()?;
+    let d = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    let (faults, no_server, answered) = (d("write_faults"), d("no_server"), d("answered"));
+    let want = if upcalls { (n, 0) } else { (n, n) };
+    if (faults, no_server) != want || (upcalls && answered < n) {
+        bail!(
+            "{} round: {faults} fenced write faults, {no_server} without a server, {answered} \
+             answered; want {n} faults, {} without a server",
+            if upcalls { "upcall" } else { "baseline" },
+            want.1
+        );
+    }
     let (n0, ..) = crate::managed::where_are(&mem)?;
-    if n0 != LEN / crate::sys::PAGE_SIZE {
+    if n0 != n as usize {
         bail!("{n0} pages on node 0 after the writes");
     }
     Ok(ns)
@@ -185,10 +203,10 @@ pub fn fault() -> Result<()> {
     let mut default = Vec::new();
     for round in 0..ROUNDS {
         let mut srv = Server::start(0)?;
-        let u = managed_write_round(&mut srv, 0xb0 + round as u64)?;
+        let u = managed_write_round(&mut srv, 0xb0 + round as u64, true)?;
         srv.quit()?;
         let mut srv = Server::start_with(0, "no-write-fault")?;
-        let d = managed_write_round(&mut srv, 0xc0 + round as u64)?;
+        let d = managed_write_round(&mut srv, 0xc0 + round as u64, false)?;
         srv.quit()?;
         println!(
             "BENCH fault round {round}: upcall verdict {u:.0} ns/fault, kernel default {d:.0} ns/fault, ratio {:.2}",

@@ -575,17 +575,10 @@ fn unknown_control_opcode_is_a_typed_error() {
 
 #[test]
 fn opcodes_never_use_zero_and_are_distinct() {
-    let all = [
-        io_op::FETCH,
-        io_op::COMMIT_AND_FETCH,
-        ctrl_op::HELLO,
-        ctrl_op::ATTACH_NODE,
-        ctrl_op::DETACH_NODE,
-        ctrl_op::SET_CREDIT,
-        ctrl_op::PROMOTE_PFN,
-        ctrl_op::RESYNC,
-        ctrl_op::PING,
-    ];
+    let all: Vec<u32> = [io_op::FETCH, io_op::COMMIT_AND_FETCH]
+        .into_iter()
+        .chain(CONTROL_OPS)
+        .collect();
     for (i, a) in all.iter().enumerate() {
         assert_ne!(*a & 0xff, 0, "opcode number 0 used");
         for b in &all[i + 1..] {

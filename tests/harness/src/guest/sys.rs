@@ -307,6 +307,17 @@ impl Cgroup {
     pub fn reclaim(&self, bytes: usize) {
         let _ = write(&format!("{}/memory.reclaim", self.path), &bytes.to_string());
     }
+
+    /// Move this process back to the root cgroup, keeping this one: pages
+    /// already charged here stay charged here, and what the process
+    /// allocates from now on (thread stacks, heap) is out of reach of
+    /// [`Cgroup::reclaim`].
+    pub fn leave(&self) -> Result<()> {
+        write(
+            "/sys/fs/cgroup/cgroup.procs",
+            &std::process::id().to_string(),
+        )
+    }
 }
 
 impl Drop for Cgroup {

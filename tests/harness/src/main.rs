@@ -1,7 +1,8 @@
 //! `cargo xtask`: the mm-upcall harness.
 //!
 //! ```text
-//! cargo xtask test               fmt, clippy, unit/property/ABI tests, fuzz smoke, checkpatch, series, every VM scenario
+//! cargo xtask test               fmt, clippy, unit/property/ABI tests, fuzz smoke, checkpatch, series, every VM scenario,
+//!                                the mm selftests (managed mode)
 //! cargo xtask demo [--debug]     the main job, end to end in the VM
 //! cargo xtask vm [--debug] <scenario>...|all   boot the patched kernel once per scenario
 //! cargo xtask kernel [--debug]   build (or reuse) the patched kernel (--debug: with DEBUG_VM, lockdep, KASAN)
@@ -9,11 +10,14 @@
 //! cargo xtask series             link vmlinux for every prefix of the series (each patch builds on its own)
 //! cargo xtask series --objects   compile the series' objects for every prefix (what `xtask test` runs)
 //! cargo xtask fuzz [seconds]     run every fuzz target for a while (smoke)
+//! cargo xtask selftests [--mode control|managed|both] [--repeat N] [--list] [test...]
+//!                                the kernel's mm selftests in the guest, with a demoter
 //! ```
 
 #![deny(unsafe_code)]
 
 mod kernel;
+mod selftests;
 mod util;
 mod vm;
 
@@ -31,7 +35,8 @@ use crate::vm::{Outcome, Vm};
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
 
 const USAGE: &str = "usage: cargo xtask <test|demo [--debug]|vm [--debug] <scenario>...|kernel [--debug]|\
-                     checkpatch|series [--objects]|fuzz [seconds]|bench <name>>";
+                     checkpatch|series [--objects]|fuzz [seconds]|bench <name>|\
+                     selftests [--mode control|managed|both] [--repeat N] [--list] [test...]>";
 
 /// `--debug` selects the debug kernel.
 fn flavor(arg: Option<&String>) -> kernel::Flavor {
@@ -53,6 +58,7 @@ fn main() {
         Some("demo") => cmd_demo(flavor(args.get(1))),
         Some("checkpatch") => cmd_checkpatch(),
         Some("series") => cmd_series(args.get(1).map(String::as_str) == Some("--objects")),
+        Some("selftests") => selftests::cmd(&args[1..]),
         Some("fuzz") => cmd_fuzz(args.get(1).map(String::as_str)),
         Some("bench") => cmd_bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
@@ -531,6 +537,10 @@ fn cmd_test() -> Result<()> {
             fail += 1;
         }
     }
+    println!("==> the kernel's mm selftests, managed mode (cargo xtask selftests --mode managed)");
+    let (p, f) = selftests::suite();
+    pass += p;
+    fail += f;
     println!("suite took {:.0}s", start.elapsed().as_secs_f64());
     println!("{pass} passed, {fail} failed");
     if fail > 0 {

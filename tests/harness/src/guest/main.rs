@@ -13,6 +13,11 @@ mod fence;
 mod holes;
 mod managed;
 mod node;
+// Shared with xtask, which uses the fields the guest does not.
+#[allow(dead_code)]
+#[path = "../selftest_list.rs"]
+mod selftest_list;
+mod selftests;
 mod server;
 mod sys;
 mod topology;
@@ -68,6 +73,9 @@ fn run(scenario: &str) -> Result<()> {
         "bench-upcall" => bench::upcall(),
         "bench-fault" => bench::fault(),
         "bench-anon" => bench::anon(),
+        // `xtask selftests`: the kernel's mm selftests, per mode.
+        "selftests-control" => selftests::run(false),
+        "selftests-managed" => selftests::run(true),
         // Used by `xtask demo`: print what the guest sees, assert nothing.
         "show-topology" => topology::show(),
         // `xtask demo`: the topology, then the transport at work.

@@ -19,13 +19,22 @@
  * payload (one of the mm_upcall_* command structs below) sits at the start
  * of the 80-byte command area, and every byte after it must be zero.
  *
+ * The device belongs to the server's process, not to a descriptor:
+ * open(), control commands, read() and mmap() need CAP_SYS_ADMIN (EPERM
+ * otherwise), and HELLO binds the device to its caller's mm, after which
+ * every command, read() and mmap() from another process fails with
+ * EBADFD (poll() reports EPOLLERR).  A launcher may open the device and
+ * exec the server, which then sends HELLO; once the opener has exec'd or
+ * exited and until that HELLO, a new open() may take the device over.
+ *
  * Rules for every record in this file: native endianness, fixed-width
  * fields, explicit padding, a size that is a multiple of 8 bytes.  Fields
  * named reserved* and unused flag bits must be zero; both sides reject a
  * record otherwise.  Opcodes, verdicts, events and reasons never use 0.
  *
  * Changelog:
- *   v1 (API version 1): first version.
+ *   v1 (API version 1): first version.  Later, without a version change:
+ *   privilege checked per command, the device bound to HELLO's caller.
  */
 #ifndef _UAPI_LINUX_MM_UPCALL_H
 #define _UAPI_LINUX_MM_UPCALL_H

@@ -163,6 +163,20 @@ impl Transport {
                 path: cfg.path.clone(),
                 source,
             })?;
+        Self::from_device(dev, cfg)
+    }
+
+    /// Set up a ring over a device descriptor this process did not open:
+    /// a launcher opened `/dev/mm_upcall` (it needs `CAP_SYS_ADMIN`) and
+    /// exec'd the server with the descriptor inherited, or passed it over
+    /// a socket.  Nothing is negotiated: [`Transport::negotiate`] sends
+    /// HELLO, which binds the device to this process; from then on the
+    /// kernel refuses every use from another process with `EBADFD`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Ring`].
+    pub fn from_device(dev: File, cfg: &Config) -> Result<Self, Error> {
         let ring = new_ring(cfg.queue_depth)?;
         Ok(Transport {
             dev,

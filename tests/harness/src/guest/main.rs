@@ -9,6 +9,7 @@
 
 mod bad_input;
 mod bench;
+mod control_plane;
 mod fence;
 mod holes;
 mod managed;
@@ -33,6 +34,7 @@ pub const SCENARIOS: &[&str] = &[
     "upcall-slow-server",
     "upcall-bad-input",
     "upcall-c-client",
+    "control-plane",
     "node-mmap",
     "isolation",
     "credit",
@@ -56,6 +58,7 @@ fn run(scenario: &str) -> Result<()> {
         "upcall-slow-server" => upcall::slow_server(),
         "upcall-bad-input" => bad_input::run(),
         "upcall-c-client" => upcall::c_client(),
+        "control-plane" => control_plane::run(),
         "node-mmap" => node::run(),
         "isolation" => fence::isolation(),
         "credit" => fence::credit(),
@@ -209,7 +212,13 @@ fn main() {
     if scenario == "--helper" {
         // A helper process of the `fence-holes` and `no-hang` scenarios.
         let what = std::env::args().nth(2).unwrap_or_default();
-        if let Err(e) = holes::helper(&what) {
+        let helped = if what == "launched-server" {
+            // The server exec'd by control-plane's launcher.
+            control_plane::launched_server()
+        } else {
+            holes::helper(&what)
+        };
+        if let Err(e) = helped {
             println!("mm-guest: helper {what}: {e:#}");
             std::process::exit(1);
         }

@@ -16,6 +16,8 @@
 //! - `held`: how many WRITE_FAULTs are held; `release`: answer them DEFAULT;
 //! - `hints hold`: never answer HINT_FAULTs from now on;
 //! - `credit set <pages>` (SET_CREDIT), `credit mode deny|grant:<pages>`;
+//! - `detach` (DETACH_NODE) and `attach <credit>` (ATTACH_NODE again):
+//!   the commands' results;
 //! - `move <pid> <addr> <pages> <node>`: `move_pages(2)` as the server;
 //! - `promote <pfn> <nid>`: PROMOTE_PFN;
 //! - `resync`: forget the books and rebuild them with RESYNC;
@@ -355,6 +357,18 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
             format!("OK books={pages} hash={hash}")
         }
         ["self-write"] => self_write()?,
+        ["detach"] => {
+            let out = t.control_sync(Control::DetachNode { nid: NODE })?;
+            format!("OK {}", errno_of(&out))
+        }
+        ["attach", _] => {
+            let out = t.control_sync(Control::AttachNode {
+                nid: NODE,
+                credit_pages: num(1)?,
+                reply_addr: 0,
+            })?;
+            format!("OK {}", errno_of(&out))
+        }
         ["quit"] => {
             let out = t.control_sync(Control::DetachNode { nid: NODE })?;
             println!("OK {} {}", errno_of(&out), st.slot_failures);

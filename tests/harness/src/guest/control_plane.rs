@@ -1,0 +1,455 @@
+//! Scenario `control-plane`: `/dev/mm_upcall` is a capability of the
+//! server's process, not of whoever holds a copy of its descriptor
+//! (finding 3 of the transport review, issue 14).
+//!
+//! - *passed descriptor*: the server sends its descriptor over
+//!   `SCM_RIGHTS` to a child that dropped to uid 65534, and to a root
+//!   child; every control command, FETCH, `read` and `mmap` they try is
+//!   refused with its precise errno (`EPERM` without `CAP_SYS_ADMIN`,
+//!   `EBADFD` from another process), and the server's node is still
+//!   attached with its credit afterwards.
+//! - *launcher*: a process opens the device and execs the server, which
+//!   sends HELLO on the inherited descriptor; a second `open` is then
+//!   refused with `EBUSY` (the server is the exec'd process, not the dead
+//!   mm of the opener), and the launched server's commands still work.
+//! - *denial after a re-attach* (finding 9): a node whose server said DENY
+//!   is detached and attached again with no credit; reclaim must ask the
+//!   server for credit again.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut, Read as _};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use mm_upcall_kernel::proto::control::Control;
+use mm_upcall_kernel::proto::raw::{self, CTRL_CMD_SIZE, ctrl_op, io_op};
+use mm_upcall_kernel::{Completion, Config, Transport};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
+};
+use zerocopy::IntoBytes as _;
+
+use crate::managed::Server;
+use crate::sys::{self, Anon, Cgroup, ensure};
+
+const NODE: u32 = 1;
+/// The credit the server sets; a refused SET_CREDIT must not change it.
+const CREDIT: u64 = 4096;
+/// Where the launched server finds its inherited descriptor.
+const FD_ENV: &str = "MM_GUEST_DEVICE_FD";
+
+/// Every part runs, and the scenario fails with all their failures.
+pub fn run() -> Result<()> {
+    type Part = (&'static str, fn() -> Result<()>);
+    let parts: [Part; 3] = [
+        ("passed descriptor", passed_descriptor),
+        ("launcher", launcher),
+        ("denial after a re-attach", denial_after_reattach),
+    ];
+    let failed: Vec<String> = parts
+        .into_iter()
+        .filter_map(|(name, part)| part().err().map(|e| format!("{name}: {e:#}")))
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", failed.join("; "))
+    }
+}
+
+fn denial_after_reattach() -> Result<()> {
+    const LEN: usize = 16 << 20;
+    // Credit 0, and the test server answers DEMOTE_CREDIT with DENY.
+    let mut srv = Server::start(0)?;
+    let cg = Cgroup::enter("mm-guest-control-plane")?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(mem.as_mut_slice(), 0x5d);
+    cg.leave()?;
+    let asks = |srv: &mut Server| -> Result<u64> {
+        for _ in 0..4 {
+            cg.reclaim(2 * LEN);
+            // The request is asynchronous: let the server answer it.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        srv.stat("creq")
+    };
+    let first = asks(&mut srv)?;
+    ensure(first >= 1, || {
+        "reclaim with no credit asked the server for none".into()
+    })?;
+    for (cmd, what) in [("detach", "DETACH_NODE"), ("attach 0", "ATTACH_NODE")] {
+        let r = srv.result(cmd)?;
+        ensure(r == 0, || format!("{what} 1: {}", errno_name(r)))?;
+    }
+    let again = asks(&mut srv)? - first;
+    println!(
+        "control-plane: DEMOTE_CREDIT requests: {first} before DETACH and ATTACH (denied), {again} \
+         after"
+    );
+    ensure(again >= 1, || {
+        "after DENY, DETACH_NODE and ATTACH_NODE with no credit, reclaim never asked for credit \
+         again: the detached node's DENY stuck"
+            .into()
+    })?;
+    drop(cg);
+    if let Some(i) = sys::check_pattern(mem.as_slice(), 0x5d) {
+        bail!("page {i} lost its contents");
+    }
+    drop(mem);
+    srv.quit()
+}
+
+fn errno_name(e: i32) -> String {
+    if e >= 0 {
+        "success".into()
+    } else {
+        std::io::Error::from_raw_os_error(-e).to_string()
+    }
+}
+
+fn node_offset(nid: u32) -> u64 {
+    raw::NODE_OFFSET_BASE * (u64::from(nid) + 1)
+}
+
+fn passed_descriptor() -> Result<()> {
+    let mut t = Transport::open(&Config::default()).context("open the device as the server")?;
+    let out = t.control_sync(Control::AttachNode {
+        nid: NODE,
+        credit_pages: CREDIT,
+        reply_addr: 0,
+    })?;
+    out.result.context("ATTACH_NODE 1")?;
+    for (who, unprivileged) in [("uid 65534", true), ("another root process", false)] {
+        let (ours, theirs) = UnixStream::pair().context("socketpair")?;
+        // SAFETY: fork in a single-threaded process; the child only makes
+        // system calls and small allocations, then _exit()s.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            bail!("fork: {}", std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            drop(ours);
+            let failures = match holder(&theirs, unprivileged) {
+                Ok(f) => f,
+                Err(e) => vec![format!("{e:#}")],
+            };
+            for f in &failures {
+                println!("control-plane: {who}: {f}");
+            }
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(i32::from(!failures.is_empty())) };
+        }
+        drop(theirs);
+        send_fd(&ours, t.device().as_fd()).context("send the descriptor")?;
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        ensure(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            || {
+                format!(
+                    "a descriptor passed to {who} was not refused everywhere (status {status:#x}, \
+                 lines above)"
+                )
+            },
+        )?;
+        println!(
+            "control-plane: a descriptor passed to {who}: every control command, FETCH, read \
+             and mmap refused"
+        );
+    }
+    // The refused DETACH_NODE and SET_CREDIT changed nothing: the node is
+    // still this server's, so detaching it works.
+    let out = t.control_sync(Control::DetachNode { nid: NODE })?;
+    ensure(out.result.is_ok(), || {
+        format!(
+            "the server's own DETACH_NODE 1 after the children: {:?} (a child's command took \
+             effect)",
+            out.result
+        )
+    })?;
+    Ok(())
+}
+
+/// In a child: receive the server's descriptor, optionally drop to uid
+/// 65534, and try everything.  Returns what was not refused as expected.
+fn holder(sock: &UnixStream, unprivileged: bool) -> Result<Vec<String>> {
+    let dev = File::from(recv_fd(sock).context("receive the descriptor")?);
+    if unprivileged {
+        // SAFETY: plain system calls changing only this child's credentials
+        // (a change of uid from 0 clears the capability sets).
+        if unsafe {
+            libc::setresgid(65534, 65534, 65534) != 0 || libc::setresuid(65534, 65534, 65534) != 0
+        } {
+            bail!(
+                "could not drop to uid 65534: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let priv_errno = if unprivileged {
+        -libc::EPERM
+    } else {
+        -libc::EBADFD
+    };
+    let mut failures = Vec::new();
+    let mut check = |what: &str, got: i32, want: i32| {
+        if got != want {
+            failures.push(format!(
+                "{what}: got {} ({got}), want {} ({want})",
+                errno_name(got),
+                errno_name(want)
+            ));
+        }
+    };
+    let mut t = Transport::from_device(dev.try_clone()?, &Config::default())?;
+    let hello = raw::Hello {
+        api_version: raw::API_VERSION,
+        nr_queues: 1,
+        queue_depth: 8,
+        features: raw::features::ALL,
+        ..raw::Hello::default()
+    };
+    let mut hello_area = [0u8; CTRL_CMD_SIZE];
+    hello_area[..size_of::<raw::Hello>()].copy_from_slice(hello.as_bytes());
+    let commands: [(&str, u32, [u8; CTRL_CMD_SIZE]); 7] = [
+        ("HELLO", ctrl_op::HELLO, hello_area),
+        ("ATTACH_NODE", ctrl_op::ATTACH_NODE, [0; CTRL_CMD_SIZE]),
+        (
+            "DETACH_NODE 1",
+            ctrl_op::DETACH_NODE,
+            Control::DetachNode { nid: NODE }.encode(),
+        ),
+        (
+            "SET_CREDIT 1",
+            ctrl_op::SET_CREDIT,
+            Control::SetCredit {
+                nid: NODE,
+                pages: 1 << 30,
+            }
+            .encode(),
+        ),
+        ("PROMOTE_PFN", ctrl_op::PROMOTE_PFN, [0; CTRL_CMD_SIZE]),
+        (
+            "RESYNC 1",
+            ctrl_op::RESYNC,
+            Control::Resync {
+                nid: NODE,
+                start_pfn: 0,
+                nr_pages: 1,
+            }
+            .encode(),
+        ),
+        ("PING", ctrl_op::PING, [0; CTRL_CMD_SIZE]),
+    ];
+    for (what, op, area) in commands {
+        // SAFETY: every area has reply_addr 0.
+        let got = match unsafe { t.raw_control(op, area) } {
+            Ok(v) => v,
+            Err(e) => e.errno(),
+        };
+        check(what, got, priv_errno);
+    }
+    // FETCH: the hot path checks the process, not the capability.
+    let mut area = [0u8; 16];
+    area.copy_from_slice(raw::IoCmd::default().as_bytes());
+    t.raw_io(io_op::FETCH, area, 0)?;
+    let mut out = Vec::new();
+    while out.is_empty() {
+        t.wait(&mut out)?;
+    }
+    let got = match out.remove(0) {
+        Completion::SlotFailed { error, .. } => error.errno(),
+        Completion::Teardown { .. } => -libc::ENODEV,
+        other => bail!("FETCH: unexpected completion {other:?}"),
+    };
+    check("FETCH", got, -libc::EBADFD);
+    // read(2) of the events (the descriptor is O_NONBLOCK).
+    let mut buf = [0u8; 40 * 16];
+    let got = match (&dev).read(&mut buf) {
+        Ok(_) => 0,
+        Err(e) => -e.raw_os_error().unwrap_or(0),
+    };
+    check("read of the events", got, priv_errno);
+    for (what, off) in [
+        ("mmap of the descriptors", raw::desc_offset(0)),
+        ("mmap of node 1's window", node_offset(NODE)),
+    ] {
+        check(what, try_mmap(&dev, off), priv_errno);
+    }
+    Ok(failures)
+}
+
+/// mmap 4 KiB of the device read-only at `off`: 0 or -errno.
+fn try_mmap(dev: &File, off: u64) -> i32 {
+    // SAFETY: a new read-only shared mapping, unmapped at once if it is made.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            dev.as_raw_fd(),
+            off as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        -std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        // SAFETY: unmapping what was just mapped.
+        unsafe { libc::munmap(p, 4096) };
+        0
+    }
+}
+
+fn send_fd(sock: &UnixStream, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    ensure(cmsg.push(SendAncillaryMessage::ScmRights(&fds)), || {
+        "no room for SCM_RIGHTS".into()
+    })?;
+    sendmsg(sock, &[IoSlice::new(b"d")], &mut cmsg, SendFlags::empty())?;
+    Ok(())
+}
+
+fn recv_fd(sock: &UnixStream) -> Result<OwnedFd> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut cmsg,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    for msg in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg
+            && let Some(fd) = fds.next()
+        {
+            return Ok(fd);
+        }
+    }
+    bail!("no descriptor arrived")
+}
+
+/// A launcher: a child opens the device (inheritable) and execs
+/// `mm-guest --helper launched-server`, which sends HELLO on it.
+fn launcher() -> Result<()> {
+    let exe = CString::new(
+        std::fs::read_link("/proc/self/exe")?
+            .into_os_string()
+            .into_encoded_bytes(),
+    )?;
+    let args = [
+        exe.clone(),
+        CString::new("--helper")?,
+        CString::new("launched-server")?,
+    ];
+    let argv: Vec<*const libc::c_char> = args
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    // SAFETY: fork in a single-threaded process (the passed-descriptor
+    // part's server is gone); the child opens, sets one variable and execs.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: open without O_CLOEXEC, so that the exec'd server inherits
+        // it; then exec (argv is NUL-terminated, built before the fork).
+        unsafe {
+            // The previous part's server is released when io_uring has
+            // torn its ring down, which may take a moment: EBUSY until then.
+            let mut fd = -1;
+            for _ in 0..500 {
+                fd = libc::open(c"/dev/mm_upcall".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK);
+                if fd >= 0 || *libc::__errno_location() != libc::EBUSY {
+                    break;
+                }
+                libc::usleep(10_000);
+            }
+            if fd < 0 {
+                libc::_exit(90);
+            }
+            let val = CString::new(fd.to_string()).unwrap_or_default();
+            let name = c"MM_GUEST_DEVICE_FD";
+            libc::setenv(name.as_ptr(), val.as_ptr(), 1);
+            libc::execv(argv[0], argv.as_ptr());
+            libc::_exit(91);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    ensure(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        || {
+            format!(
+                "the launched server failed (status {status:#x}: 90 = open failed, 91 = exec \
+             failed, 1 = lines above)"
+            )
+        },
+    )?;
+    println!(
+        "control-plane: a server exec'd by its launcher negotiated on the inherited descriptor, \
+         a second open got EBUSY, and its commands still work"
+    );
+    Ok(())
+}
+
+/// `mm-guest --helper launched-server`: the exec'd side of [`launcher`].
+pub fn launched_server() -> Result<()> {
+    let fd: i32 = std::env::var(FD_ENV)
+        .context("no inherited descriptor")?
+        .parse()
+        .context("bad descriptor number")?;
+    // SAFETY: the launcher opened this descriptor for us and nothing else
+    // in this process owns it.
+    let dev = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let cfg = Config::default();
+    let mut t = Transport::from_device(dev, &cfg)?;
+    t.negotiate(&cfg)
+        .context("HELLO on the inherited descriptor")?;
+    // SAFETY: the path is a NUL-terminated literal.
+    let fd = unsafe { libc::open(c"/dev/mm_upcall".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    let second = if fd >= 0 {
+        // SAFETY: closing what was just opened.
+        unsafe { libc::close(fd) };
+        0
+    } else {
+        -std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    };
+    ensure(second == -libc::EBUSY, || {
+        format!(
+            "a second open while the launched server runs: {}, want EBUSY (the device was \
+             bound to the launcher's dead mm, so the open took it over)",
+            errno_name(second)
+        )
+    })?;
+    // Still the holder: a node command gets ENOENT (node 1 is not ours),
+    // not ENODEV (killed by a takeover).
+    let out = t.control_sync(Control::SetCredit {
+        nid: NODE,
+        pages: 1,
+    })?;
+    let got = match out.result {
+        Ok(v) => v,
+        Err(e) => e.errno(),
+    };
+    ensure(got == -libc::ENOENT, || {
+        format!(
+            "the launched server's SET_CREDIT of a node it has not attached: {}, want ENOENT",
+            errno_name(got)
+        )
+    })
+}

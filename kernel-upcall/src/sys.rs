@@ -119,7 +119,9 @@ pub fn push_no_buffers(
 }
 
 /// A managed node's memory, mapped read-only from the device (the server's
-/// "DAX" view, `MM_UPCALL_F_NODE_MMAP`).
+/// "DAX" view, `MM_UPCALL_F_NODE_MMAP`): the node window, which the kernel
+/// fills page by page and shows only the node's anonymous pages through;
+/// read it with [`NodeMap::read_page`].
 #[derive(Debug)]
 pub struct NodeMap {
     ptr: NonNull<u8>,
@@ -127,8 +129,8 @@ pub struct NodeMap {
     start_pfn: u64,
 }
 
-// SAFETY: as for `DescMap`: reads are volatile copies into private buffers,
-// and no reference into the mapping is handed out.
+// SAFETY: reads are copies the kernel makes into private buffers, and no
+// reference into the mapping is handed out.
 unsafe impl Send for NodeMap {}
 
 /// Bytes in a base page.
@@ -160,9 +162,16 @@ impl NodeMap {
     }
 
     /// Copy the page at `pfn` into `out`; `false` if `pfn` is outside the
-    /// node.  The kernel may free and reuse the page while we read it: the
-    /// copy is then a mix of old and new contents, which only misjudges a
-    /// size the next PLACED of that pfn measures again.
+    /// node or the window does not show it.
+    ///
+    /// The window is filled on demand and shows a frame only while it holds
+    /// an anonymous folio on the node (docs/PROTOCOL.md); touching any
+    /// other frame would raise SIGBUS.  So the copy is made by the kernel
+    /// (`process_vm_writev(2)` from the window to `out`, in this process),
+    /// where such a frame is an `EFAULT` instead.  The kernel may free and
+    /// reuse the page while it is copied: the copy is then a mix of old
+    /// and new contents, which only misjudges a size the next PLACED of
+    /// that pfn measures again.
     pub fn read_page(&self, pfn: u64, out: &mut [u8; PAGE_SIZE]) -> bool {
         let Some(off) = pfn
             .checked_sub(self.start_pfn)
@@ -172,15 +181,22 @@ impl NodeMap {
         else {
             return false;
         };
-        let src = self.ptr.as_ptr().wrapping_add(off).cast::<u64>();
-        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
-            // SAFETY: off + 8 * i + 8 <= off + PAGE_SIZE <= len: inside the
-            // live mapping, u64-aligned (page-aligned base).  Volatile: the
-            // kernel owns the memory.
-            let v = unsafe { src.add(i).read_volatile() };
-            chunk.copy_from_slice(&v.to_ne_bytes());
-        }
-        true
+        let local = libc::iovec {
+            iov_base: self.ptr.as_ptr().wrapping_add(off).cast(),
+            iov_len: PAGE_SIZE,
+        };
+        let remote = libc::iovec {
+            iov_base: out.as_mut_ptr().cast(),
+            iov_len: PAGE_SIZE,
+        };
+        // SAFETY: `local` lies inside the live mapping (off + PAGE_SIZE <=
+        // len) and is only read, by the kernel, which turns a frame the
+        // window does not show into a short copy; `remote` is `out`, which
+        // we borrow mutably, in this very process.
+        let copied = unsafe {
+            libc::process_vm_writev(std::process::id() as libc::pid_t, &local, 1, &remote, 1, 0)
+        };
+        copied == PAGE_SIZE as isize
     }
 }
 

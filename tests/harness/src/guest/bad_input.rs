@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 use io_uring::{IoUring, opcode, types};
 use mm_upcall_kernel::proto::control::Control;
 use mm_upcall_kernel::proto::raw::{self, CTRL_CMD_SIZE, ctrl_op, io_op};
+use mm_upcall_kernel::proto::upcall::Upcall;
+use mm_upcall_kernel::proto::verdict::Verdict;
 use mm_upcall_kernel::{Completion, Config, Error, Transport};
 use zerocopy::IntoBytes as _;
 
@@ -261,10 +263,73 @@ pub fn run() -> Result<()> {
     )?;
     writable_mapping(&t)?;
     bad_verdict(&mut t)?;
+    stale_commit(&mut t)?;
     drop(t);
 
     println!("upcall-bad-input: the kernel still works; running upcall-ping in the same boot");
     crate::upcall::ping()
+}
+
+/// A repeated COMMIT (transport review finding 11): the first COMMIT of
+/// a PING's upcall re-arms its slot and the kernel delivers the second
+/// upcall in that same slot; a second COMMIT with the first upcall's `seq`
+/// must fail alone (`EINVAL`) and leave the second upcall to its own
+/// COMMIT, not give it the default.
+fn stale_commit(t: &mut Transport) -> Result<()> {
+    let token = t.submit_control(Control::Ping {
+        nr_upcalls: 2,
+        nr_threads: 1,
+        events: false,
+        reply_addr: 0,
+    })?;
+    let mut out = Vec::new();
+    let mut first: Option<(u16, u32, u32)> = None;
+    let mut stale = None;
+    loop {
+        out.clear();
+        t.wait(&mut out)?;
+        for c in out.drain(..) {
+            match c {
+                Completion::Upcall { slot, request } => {
+                    let Upcall::Ping { cookie } = request.upcall else {
+                        bail!("unexpected upcall {:?}", request.upcall);
+                    };
+                    if let Some((s0, seq0, cookie0)) = first {
+                        ensure(slot == s0, || {
+                            format!(
+                                "the second upcall came in slot {slot}, not in the re-armed \
+                                 slot {s0}: nothing to test"
+                            )
+                        })?;
+                        // The stale COMMIT, then the right one.
+                        t.commit(slot, seq0, Verdict::Pong { cookie: cookie0 })?;
+                    }
+                    t.commit(slot, request.seq, Verdict::Pong { cookie })?;
+                    first.get_or_insert((slot, request.seq, cookie));
+                }
+                Completion::SlotFailed { error, .. } => {
+                    stale.get_or_insert(error.errno());
+                }
+                Completion::Control { token: tk, outcome } if tk == token => {
+                    let r = mm_upcall_kernel::ping_reply(outcome)?;
+                    ensure(r.answered == 2 && r.defaulted == 0, || {
+                        format!(
+                            "after a repeated COMMIT: {} answered, {} defaulted; want 2, 0 (the \
+                             stale COMMIT defaulted the next upcall in its slot; the COMMITs \
+                             failed first with {:?})",
+                            r.answered, r.defaulted, stale
+                        )
+                    })?;
+                    return expect(
+                        "a second COMMIT of an answered upcall",
+                        stale.unwrap_or(0),
+                        -libc::EINVAL,
+                    );
+                }
+                other => bail!("unexpected completion {other:?}"),
+            }
+        }
+    }
 }
 
 /// Run `f` in a forked child and return its exit code.

@@ -15,6 +15,18 @@
 //! - *denial after a re-attach* (finding 9): a node whose server said DENY
 //!   is detached and attached again with no credit; reclaim must ask the
 //!   server for credit again.
+//! - *window* (findings 1 and 6): the node window shows the server's
+//!   anonymous pages on the node and nothing else: a page-cache page put
+//!   on node 1 before the attach, a slab page and a free page of the node
+//!   read as not shown; after DETACH, and after the server is ejected
+//!   (killed while its process lives on with the mapping), the pages it
+//!   showed before are not shown either.  Mapping the whole node costs no
+//!   page tables until pages are read.
+//! - *ATTACH racing mmap* (finding 2): for 10 s one thread maps and unmaps
+//!   the window while another attaches node 1 with its reply going to a
+//!   page never touched (the copy faults) and detaches it.  Nothing may
+//!   hang; on the debug kernel lockdep must report nothing (the console is
+//!   checked for splats after every scenario).
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -47,10 +59,12 @@ const FD_ENV: &str = "MM_GUEST_DEVICE_FD";
 /// Every part runs, and the scenario fails with all their failures.
 pub fn run() -> Result<()> {
     type Part = (&'static str, fn() -> Result<()>);
-    let parts: [Part; 3] = [
+    let parts: [Part; 5] = [
         ("passed descriptor", passed_descriptor),
         ("launcher", launcher),
         ("denial after a re-attach", denial_after_reattach),
+        ("window", window),
+        ("ATTACH racing mmap", attach_racing_mmap),
     ];
     let failed: Vec<String> = parts
         .into_iter()
@@ -104,6 +118,257 @@ fn denial_after_reattach() -> Result<()> {
     }
     drop(mem);
     srv.quit()
+}
+
+/// `/proc/kpageflags` bits of kernel-owned frames: slab, free (buddy),
+/// page table.
+const KPF_SLAB: u64 = 1 << 7;
+const KPF_BUDDY: u64 = 1 << 10;
+
+/// The first frame in `start..start + pages` whose kpageflags have a bit
+/// of `mask`.
+fn frame_with(start: u64, pages: u64, mask: u64) -> Result<Option<u64>> {
+    use std::io::{Seek as _, SeekFrom};
+    let mut f = File::open("/proc/kpageflags").context("open /proc/kpageflags")?;
+    f.seek(SeekFrom::Start(start * 8))?;
+    let mut buf = vec![0u8; pages as usize * 8];
+    f.read_exact(&mut buf).context("read /proc/kpageflags")?;
+    Ok(buf
+        .chunks(8)
+        .position(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")) & mask != 0)
+        .map(|i| start + i as u64))
+}
+
+/// The pfn behind `addr` in this process (`/proc/self/pagemap`).
+fn pfn_at(addr: usize) -> Result<u64> {
+    use std::io::{Seek as _, SeekFrom};
+    let mut f = File::open("/proc/self/pagemap").context("open pagemap")?;
+    f.seek(SeekFrom::Start((addr / 4096 * 8) as u64))?;
+    let mut b = [0u8; 8];
+    f.read_exact(&mut b)?;
+    let v = u64::from_ne_bytes(b);
+    ensure(v & (1 << 63) != 0, || format!("{addr:#x} is not present"))?;
+    Ok(v & ((1 << 55) - 1))
+}
+
+/// `VmPTE` of this process, in kB.
+fn vm_pte_kb() -> Result<u64> {
+    sys::read("/proc/self/status")?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPTE:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmPTE in /proc/self/status")
+}
+
+fn window() -> Result<()> {
+    // 16 MiB: enough pages that the page-table cost per page read shows.
+    const PAGES: usize = 4096;
+    const PAGE: usize = 4096;
+    // A page-cache (shmem) page on node 1, made while the node is
+    // ordinary memory.
+    // SAFETY: plain system calls; the mapping is checked and unmapped
+    // at the end of this function.
+    let fd = unsafe { libc::memfd_create(c"mm-guest-window".as_ptr(), 0) };
+    ensure(fd >= 0, || {
+        format!("memfd_create: {}", std::io::Error::last_os_error())
+    })?;
+    // SAFETY: fd is ours from here on.
+    let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    ensure(
+        // SAFETY: plain system call on our descriptor.
+        unsafe { libc::ftruncate(memfd.as_raw_fd(), PAGE as libc::off_t) } == 0,
+        || "ftruncate of the memfd".into(),
+    )?;
+    // SAFETY: a new shared mapping of the memfd, unmapped below.
+    let shm = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            memfd.as_raw_fd(),
+            0,
+        )
+    };
+    ensure(shm != libc::MAP_FAILED, || "mmap of the memfd".into())?;
+    let r = sys::set_mempolicy(libc::MPOL_BIND, NODE as i32);
+    ensure(r == 0, || {
+        format!("set_mempolicy(BIND, 1): {}", errno_name(r))
+    })?;
+    // SAFETY: the first page of the shared mapping made above.
+    unsafe { std::ptr::write_bytes(shm.cast::<u8>(), 0xa5, PAGE) };
+    sys::set_mempolicy(libc::MPOL_DEFAULT, -1);
+    let cache_pfn = pfn_at(shm as usize)?;
+
+    let mut t = Transport::open(&Config::default()).context("open the device as the server")?;
+    let info = crate::node::attach(&mut t, NODE)?
+        .map_err(|e| anyhow::anyhow!("ATTACH_NODE 1: {}", errno_name(e)))?;
+    let end = info.start_pfn + info.spanned_pages;
+    ensure((info.start_pfn..end).contains(&cache_pfn), || {
+        format!("the page-cache page is at pfn {cache_pfn:#x}, not on node 1")
+    })?;
+    // The server's own anonymous pages, moved to node 1 (it may).
+    let mut mem = Anon::new(PAGES * PAGE)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(mem.as_mut_slice(), 0x77);
+    let (r, status) = sys::move_pages(0, mem.addr(), PAGES, NODE as i32);
+    ensure(r == 0 && status.iter().all(|&s| s == NODE as i32), || {
+        format!(
+            "move_pages of the server's pages to node 1: {r}, {:?}",
+            &status[..4]
+        )
+    })?;
+    let pfns = sys::pfns(&mem)?;
+    let pte0 = vm_pte_kb()?;
+    let map = t.map_node(&info).context("map node 1's window")?;
+    let pte_mapped = vm_pte_kb()?;
+    let mut page = [0u8; PAGE];
+    let shown =
+        |map: &mm_upcall_kernel::NodeMap, pfn: u64, page: &mut [u8; PAGE]| map.read_page(pfn, page);
+    let mut want = vec![0u8; PAGES * PAGE];
+    sys::fill_pattern(&mut want, 0x77);
+    for (i, &pfn) in pfns.iter().enumerate() {
+        ensure(shown(&map, pfn, &mut page), || {
+            format!("the server's anonymous page {i} on node 1 (pfn {pfn:#x}) is not shown")
+        })?;
+        ensure(page[..] == want[i * PAGE..(i + 1) * PAGE], || {
+            format!("page {i} (pfn {pfn:#x}) differs through the window")
+        })?;
+    }
+    let pte_read = vm_pte_kb()?;
+    let gib = |pages: u64, kb: u64| kb as f64 * (1u64 << 18) as f64 / pages as f64;
+    println!(
+        "control-plane: window of {} pages: VmPTE {pte0} kB before the mmap, {pte_mapped} kB \
+         after it ({:.0} kB per GiB of node), {pte_read} kB after reading {PAGES} pages ({:.0} kB \
+         per GiB read)",
+        info.spanned_pages,
+        gib(info.spanned_pages, pte_mapped.saturating_sub(pte0)),
+        gib(PAGES as u64, pte_read.saturating_sub(pte_mapped)),
+    );
+    let mut failures = Vec::new();
+    if pte_mapped > pte0 + 4 {
+        failures.push(format!(
+            "mapping the window built page tables ({pte0} kB -> {pte_mapped} kB)"
+        ));
+    }
+    let mut not_shown = |what: &str, pfn: Option<u64>, page: &mut [u8; PAGE]| match pfn {
+        None => failures.push(format!("no {what} found on node 1")),
+        Some(pfn) if shown(&map, pfn, page) => {
+            failures.push(format!(
+                "{what} (pfn {pfn:#x}) is readable through the window"
+            ));
+        }
+        Some(_) => {}
+    };
+    not_shown("the page-cache page", Some(cache_pfn), &mut page);
+    not_shown(
+        "a slab page",
+        frame_with(info.start_pfn, info.spanned_pages, KPF_SLAB)?,
+        &mut page,
+    );
+    not_shown(
+        "a free page",
+        frame_with(info.start_pfn, info.spanned_pages, KPF_BUDDY)?,
+        &mut page,
+    );
+    // DETACH: the node is ordinary memory again.
+    let out = t.control_sync(Control::DetachNode { nid: NODE })?;
+    out.result.context("DETACH_NODE 1")?;
+    if let Some(i) = pfns.iter().position(|&pfn| shown(&map, pfn, &mut page)) {
+        failures.push(format!("after DETACH_NODE, page {i} is still shown"));
+    }
+    drop(map);
+    // Attach again, read, then eject the server: its process and mapping
+    // live on, and show nothing.
+    let info = crate::node::attach(&mut t, NODE)?
+        .map_err(|e| anyhow::anyhow!("ATTACH_NODE 1 again: {}", errno_name(e)))?;
+    let map = t.map_node(&info).context("map node 1's window again")?;
+    ensure(shown(&map, pfns[0], &mut page), || {
+        "after a re-attach, the server's page is not shown".into()
+    })?;
+    sys::write("/sys/kernel/debug/mm_upcall/eject", "1")?;
+    if let Some(i) = pfns.iter().position(|&pfn| shown(&map, pfn, &mut page)) {
+        failures.push(format!(
+            "after the server was ejected, page {i} is still shown"
+        ));
+    }
+    drop(map);
+    drop(t);
+    // SAFETY: unmapping the memfd mapping made above.
+    unsafe { libc::munmap(shm, PAGE) };
+    if let Some(i) = sys::check_pattern(mem.as_slice(), 0x77) {
+        failures.push(format!("page {i} lost its contents"));
+    }
+    ensure(failures.is_empty(), || failures.join("; "))?;
+    println!(
+        "control-plane: the window showed the server's {PAGES} pages, not a page-cache, slab or \
+         free page of node 1, and nothing after DETACH or after an eject"
+    );
+    Ok(())
+}
+
+fn attach_racing_mmap() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const RUN: Duration = Duration::from_secs(10);
+    let mut t = Transport::open(&Config::default()).context("open the device as the server")?;
+    let dev = t.device().try_clone()?;
+    let stop = AtomicBool::new(false);
+    let (maps, mapped) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut cycles = 0u64;
+    let result = std::thread::scope(|s| -> Result<()> {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                maps.fetch_add(1, Ordering::Relaxed);
+                if try_mmap(&dev, node_offset(NODE)) == 0 {
+                    mapped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let t0 = std::time::Instant::now();
+        let out = (|| -> Result<()> {
+            while t0.elapsed() < RUN {
+                // A fresh page for each reply: the kernel's copy faults.
+                // SAFETY: a new private anonymous mapping, unmapped below.
+                let g = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                ensure(g != libc::MAP_FAILED, || "mmap of a reply page".into())?;
+                let area = Control::AttachNode {
+                    nid: NODE,
+                    credit_pages: 0,
+                    reply_addr: g as u64,
+                }
+                .encode();
+                // SAFETY: reply_addr is a writable page of ours, large
+                // enough for the node info record.
+                let got = unsafe { t.raw_control(ctrl_op::ATTACH_NODE, area) };
+                let detached = t.control_sync(Control::DetachNode { nid: NODE });
+                // SAFETY: unmapping the page mapped above.
+                unsafe { libc::munmap(g, 4096) };
+                ensure(got.is_ok(), || format!("ATTACH_NODE 1: {got:?}"))?;
+                detached?.result.context("DETACH_NODE 1")?;
+                cycles += 1;
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        out
+    });
+    result?;
+    let (maps, mapped) = (maps.into_inner(), mapped.into_inner());
+    println!(
+        "control-plane: {cycles} ATTACH/DETACH cycles raced {maps} mmaps of the window ({mapped} \
+         made) for {} s",
+        RUN.as_secs()
+    );
+    ensure(cycles > 0 && maps > 0, || "the race did not run".into())
 }
 
 fn errno_name(e: i32) -> String {

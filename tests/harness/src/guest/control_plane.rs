@@ -22,6 +22,10 @@
 //!   (killed while its process lives on with the mapping), the pages it
 //!   showed before are not shown either.  Mapping the whole node costs no
 //!   page tables until pages are read.
+//! - *parked FETCHes of a killed server* (finding 7): a server with two
+//!   queues, each on its own ring, loses one ring (its thread's ring is
+//!   torn down, which kills the server); the FETCHes parked on the other
+//!   ring must complete (`ENODEV`) instead of waiting forever.
 //! - *ATTACH racing mmap* (finding 2): for 10 s one thread maps and unmaps
 //!   the window while another attaches node 1 with its reply going to a
 //!   page never touched (the copy faults) and detaches it.  Nothing may
@@ -59,11 +63,15 @@ const FD_ENV: &str = "MM_GUEST_DEVICE_FD";
 /// Every part runs, and the scenario fails with all their failures.
 pub fn run() -> Result<()> {
     type Part = (&'static str, fn() -> Result<()>);
-    let parts: [Part; 5] = [
+    let parts: [Part; 6] = [
         ("passed descriptor", passed_descriptor),
         ("launcher", launcher),
         ("denial after a re-attach", denial_after_reattach),
         ("window", window),
+        (
+            "parked FETCHes of a killed server",
+            parked_fetches_of_a_killed_server,
+        ),
         ("ATTACH racing mmap", attach_racing_mmap),
     ];
     let failed: Vec<String> = parts
@@ -305,6 +313,51 @@ fn window() -> Result<()> {
          free page of node 1, and nothing after DETACH or after an eject"
     );
     Ok(())
+}
+
+fn parked_fetches_of_a_killed_server() -> Result<()> {
+    const DEPTH: u16 = 4;
+    let mut t = Transport::open(&Config {
+        nr_queues: 2,
+        queue_depth: DEPTH,
+        ..Config::default()
+    })
+    .context("open the device as the server")?;
+    let mut q1 = t.queue_opener()?.open(1).context("open queue 1")?;
+    // Let both rings park their FETCHes (task work runs on the next enter).
+    let mut out = Vec::new();
+    t.wait_timeout(&mut out, Duration::from_millis(50))?;
+    q1.wait_timeout(&mut out, Duration::from_millis(50))?;
+    ensure(out.is_empty(), || {
+        format!("completions before the kill: {out:?}")
+    })?;
+    // Queue 1's ring goes: its parked FETCHes are cancelled, which kills
+    // the server.
+    drop(q1);
+    let t0 = std::time::Instant::now();
+    let mut ended = 0;
+    while ended < DEPTH && t0.elapsed() < Duration::from_secs(5) {
+        out.clear();
+        t.wait_timeout(&mut out, Duration::from_millis(200))?;
+        for c in out.drain(..) {
+            match c {
+                Completion::Teardown { .. } => ended += 1,
+                other => bail!("queue 0 after the kill: unexpected completion {other:?}"),
+            }
+        }
+    }
+    println!(
+        "control-plane: after the server was killed by the end of one ring, {ended} of the \
+         {DEPTH} FETCHes parked on its other ring ended in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    ensure(ended == DEPTH, || {
+        format!(
+            "the server was killed, and {} of the {DEPTH} FETCHes parked on its other ring never \
+             completed (5 s)",
+            DEPTH - ended
+        )
+    })
 }
 
 fn attach_racing_mmap() -> Result<()> {

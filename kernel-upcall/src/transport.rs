@@ -374,9 +374,16 @@ impl Transport {
     ) -> Result<usize, Error> {
         let entry = self.ctrl.vacant_entry();
         let token = entry.key();
+        // IOSQE_ASYNC: control commands run in io-wq anyway (the kernel
+        // refuses them non-blocking), and forcing it makes io_uring copy
+        // the SQE when it is submitted.  Without it, Linux 6.12 punts the
+        // command to io-wq still pointing at the SQ ring, where a later
+        // submission may have rewritten the slot: seen as a SET_CREDIT
+        // that failed with ENXIO (a garbage node id) in server-restart.
         let sqe = opcode::UringCmd80::new(types::Fd(self.dev.as_raw_fd()), cmd_op)
             .cmd(area)
             .build()
+            .flags(squeue::Flags::ASYNC)
             .user_data(CTRL_TAG + token as u64);
         // The box's heap buffer does not move when the op moves into the slab.
         entry.insert(op);

@@ -23,9 +23,9 @@
 //!   showed before are not shown either.  Mapping the whole node costs no
 //!   page tables until pages are read.
 //! - *parked FETCHes of a killed server* (finding 7): a server with two
-//!   queues, each on its own ring, loses one ring (its thread's ring is
-//!   torn down, which kills the server); the FETCHes parked on the other
-//!   ring must complete (`ENODEV`) instead of waiting forever.
+//!   queues, each on its own ring, is ejected while its process and rings
+//!   live on; the FETCHes parked on both rings must complete (`ENODEV`)
+//!   instead of waiting forever.
 //! - *ATTACH racing mmap* (finding 2): for 10 s one thread maps and unmaps
 //!   the window while another attaches node 1 with its reply going to a
 //!   page never touched (the copy faults) and detaches it.  Nothing may
@@ -331,31 +331,35 @@ fn parked_fetches_of_a_killed_server() -> Result<()> {
     ensure(out.is_empty(), || {
         format!("completions before the kill: {out:?}")
     })?;
-    // Queue 1's ring goes: its parked FETCHes are cancelled, which kills
-    // the server.
-    drop(q1);
+    // Root ejects the server: it is killed while its process and both
+    // rings live on.
+    sys::write("/sys/kernel/debug/mm_upcall/eject", "1")?;
     let t0 = std::time::Instant::now();
     let mut ended = 0;
-    while ended < DEPTH && t0.elapsed() < Duration::from_secs(5) {
-        out.clear();
-        t.wait_timeout(&mut out, Duration::from_millis(200))?;
-        for c in out.drain(..) {
-            match c {
-                Completion::Teardown { .. } => ended += 1,
-                other => bail!("queue 0 after the kill: unexpected completion {other:?}"),
+    while ended < 2 * DEPTH && t0.elapsed() < Duration::from_secs(5) {
+        for ring in [&mut t, &mut q1] {
+            out.clear();
+            ring.wait_timeout(&mut out, Duration::from_millis(100))?;
+            for c in out.drain(..) {
+                match c {
+                    Completion::Teardown { .. } => ended += 1,
+                    other => bail!("after the eject: unexpected completion {other:?}"),
+                }
             }
         }
     }
     println!(
-        "control-plane: after the server was killed by the end of one ring, {ended} of the \
-         {DEPTH} FETCHes parked on its other ring ended in {:.2} s",
+        "control-plane: after the server was ejected, {ended} of the {} FETCHes parked on its \
+         two rings ended in {:.2} s",
+        2 * DEPTH,
         t0.elapsed().as_secs_f64()
     );
-    ensure(ended == DEPTH, || {
+    ensure(ended == 2 * DEPTH, || {
         format!(
-            "the server was killed, and {} of the {DEPTH} FETCHes parked on its other ring never \
+            "the server was killed, and {} of the {} FETCHes parked on its two rings never \
              completed (5 s)",
-            DEPTH - ended
+            2 * DEPTH - ended,
+            2 * DEPTH
         )
     })
 }

@@ -23,6 +23,9 @@ use crate::managed::{kpageflags_truth, pages, where_are};
 use crate::sys::{self, Anon, Cgroup, PAGE_SIZE, ensure};
 use crate::upcall::stat;
 
+/// mm-server's drain timeout in the scenarios (`drain_timeout_ms`).
+const DRAIN_TIMEOUT_S: u64 = 180;
+
 /// The running daemon.
 pub struct MmServer {
     child: Child,
@@ -44,9 +47,10 @@ impl MmServer {
         std::fs::write(
             &cfg,
             format!(
-                "[server]\nadmin_socket = \"{}\"\ntimeout_ms = 10000\ndrain_timeout_ms = 180000\n\n\
+                "[server]\nadmin_socket = \"{}\"\ntimeout_ms = 10000\ndrain_timeout_ms = {}\n\n\
                  [[node]]\nnid = 1\ncapacity_mib = {capacity_mib}\n{node_extra}\n",
-                sock.display()
+                sock.display(),
+                DRAIN_TIMEOUT_S * 1000
             ),
         )?;
         let _ = std::fs::remove_file(&notify);
@@ -182,14 +186,19 @@ impl MmServer {
     pub fn stop(mut self) -> Result<String> {
         let pid = self.child.id() as i32;
         sys::signal(pid, libc::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // The drain may take its whole timeout (drain_timeout_ms above) on
+        // a loaded host; past it mm-server must stop on its own.
+        let deadline = Instant::now() + Duration::from_secs(DRAIN_TIMEOUT_S + 60);
         let status = loop {
             if let Some(st) = self.child.try_wait()? {
                 break st;
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                bail!("mm-server did not stop in 120 s after SIGTERM");
+                bail!(
+                    "mm-server did not stop within its drain timeout ({DRAIN_TIMEOUT_S} s) and 60 s \
+                     more after SIGTERM"
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         };

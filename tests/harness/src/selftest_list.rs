@@ -58,7 +58,11 @@ impl Selftest {
 pub const SELFTESTS: &[Selftest] = &[
     // Anonymous memory: what demotion to a managed node and the write
     // fence touch most.
-    t("cow", "cow", &[]).secs(600).suite(),
+    // Not in the suite: its swapped-out subtests compare pagemap read(2)
+    // with PAGEMAP_SCAN and bail out when the demoter migrates the page in
+    // between (a migration entry reads as swap); 2 of 5 runs in each mode
+    // (docs/SELFTESTS.md).
+    t("cow", "cow", &[]).secs(600),
     // Not in the suite: under the demoter it fails and aborts in control
     // mode too (docs/SELFTESTS.md).
     t("khugepaged", "khugepaged", &[]).secs(600),

@@ -109,6 +109,8 @@ pub mod ping {
     pub const F_ALL: u16 = F_EVENTS;
     pub const MAX_UPCALLS: u32 = 10_000_000;
     pub const MAX_THREADS: u16 = 64;
+    /// A run ends this long after it started (`MM_UPCALL_PING_MAX_SECS`).
+    pub const MAX_SECS: u32 = 60;
     /// `MM_UPCALL_PING_HIST_BUCKETS`.
     pub const HIST_BUCKETS: usize = 128;
 

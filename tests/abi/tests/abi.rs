@@ -93,6 +93,7 @@ fn rust_side() -> BTreeMap<String, u64> {
         ("MM_UPCALL_PING_F_ALL", ping::F_ALL.into()),
         ("MM_UPCALL_PING_MAX_UPCALLS", ping::MAX_UPCALLS.into()),
         ("MM_UPCALL_PING_MAX_THREADS", ping::MAX_THREADS.into()),
+        ("MM_UPCALL_PING_MAX_SECS", ping::MAX_SECS.into()),
         ("MM_UPCALL_PING_HIST_BUCKETS", ping::HIST_BUCKETS as u64),
         ("MM_UPCALL_REASON_DEMOTION", reason::DEMOTION.into()),
         ("MM_UPCALL_REASON_MIGRATION", reason::MIGRATION.into()),

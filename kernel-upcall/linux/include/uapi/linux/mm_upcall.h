@@ -109,6 +109,8 @@
  *
  * WRITE_FAULT, HINT_FAULT: pfn/order/nid of the folio on the managed node,
  *   tgid/tid/vaddr of the faulting task, cpu_nid the faulting CPU's node.
+ *   tgid and tid are those of the PID namespace of the task that sent
+ *   HELLO; 0 if the faulting task is not visible there.
  *   arg is 0 for WRITE_FAULT; for HINT_FAULT it is reserved for the time
  *   since the folio was last scanned and is 0 in this version.  HINT_FAULT
  *   has flag NO_WAIT: nobody waits for its verdict.
@@ -174,7 +176,7 @@ struct mm_upcall_event {
 	__u16	nid;		/* managed node; PROMOTED: source node */
 	__u16	target_nid;	/* PROMOTED: destination node, else 0 */
 	__u32	order;
-	__u32	tgid;		/* PLACED: 0 when unknown */
+	__u32	tgid;		/* PLACED: as in the descriptor, 0 if unknown */
 	__u64	pfn;		/* PROMOTED: pfn on the managed node */
 	__u64	vaddr;		/* PLACED: 0 when unknown */
 	__u64	count;		/* OVERFLOW: events lost; PING: cookie */
@@ -282,12 +284,16 @@ struct mm_upcall_resync {
  * arg.  With MM_UPCALL_PING_F_EVENTS each upcall also posts an
  * MM_UPCALL_EV_PING event through the event path.  The command completes
  * when every upcall has; it writes struct mm_upcall_ping_reply to
- * reply_addr.  total_ns and max_ns cover answered upcalls.
+ * reply_addr.  total_ns and max_ns cover answered upcalls.  A run ends
+ * early, its remaining upcalls counted as defaulted without being asked,
+ * when an upcall times out, when the server is killed or its ring goes,
+ * and MM_UPCALL_PING_MAX_SECS after it started.
  */
 #define MM_UPCALL_PING_F_EVENTS		(1U << 0)
 #define MM_UPCALL_PING_F_ALL		MM_UPCALL_PING_F_EVENTS
 #define MM_UPCALL_PING_MAX_UPCALLS	10000000
 #define MM_UPCALL_PING_MAX_THREADS	64
+#define MM_UPCALL_PING_MAX_SECS		60
 
 struct mm_upcall_ping {
 	__u32	nr_upcalls;

@@ -31,6 +31,18 @@
 //!   page never touched (the copy faults) and detaches it.  Nothing may
 //!   hang; on the debug kernel lockdep must report nothing (the console is
 //!   checked for splats after every scenario).
+//! - *restarts with a fragmented node 0* (finding 4): node 0 is
+//!   fragmented until it has no free block of order 6 or more (large
+//!   folios are faulted in, so they take the big blocks, then all but
+//!   every eighth page of each is freed and that one is mlocked, which
+//!   compaction may not move); then 200 servers in a row open the device,
+//!   send HELLO, attach node 1 and close.  Every one must succeed.
+//! - *PID namespace* (finding 5): the test server runs as PID 1 of a new
+//!   PID namespace; the write faults and PLACED events of this process,
+//!   which it cannot see, must carry tgid 0, and its own placements tgid
+//!   1, never the initial namespace's numbers.
+//! - *descriptor mapping* (finding 14): the descriptor array cannot be
+//!   mapped executable, and `MADV_DOFORK` cannot make a child inherit it.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -63,7 +75,7 @@ const FD_ENV: &str = "MM_GUEST_DEVICE_FD";
 /// Every part runs, and the scenario fails with all their failures.
 pub fn run() -> Result<()> {
     type Part = (&'static str, fn() -> Result<()>);
-    let parts: [Part; 6] = [
+    let parts: [Part; 9] = [
         ("passed descriptor", passed_descriptor),
         ("launcher", launcher),
         ("denial after a re-attach", denial_after_reattach),
@@ -73,6 +85,12 @@ pub fn run() -> Result<()> {
             parked_fetches_of_a_killed_server,
         ),
         ("ATTACH racing mmap", attach_racing_mmap),
+        (
+            "restarts with a fragmented node 0",
+            restarts_with_fragmented_node_0,
+        ),
+        ("PID namespace", pid_namespace),
+        ("descriptor mapping", descriptor_mapping),
     ];
     let failed: Vec<String> = parts
         .into_iter()
@@ -774,4 +792,288 @@ pub fn launched_server() -> Result<()> {
             errno_name(got)
         )
     })
+}
+
+/// Free blocks of order 6 or more in node 0's DMA32 and Normal zones
+/// (`/proc/buddyinfo`).
+fn node0_free_order6() -> Result<u64> {
+    let text = sys::read("/proc/buddyinfo")?;
+    let mut n = 0;
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        // "Node 0, zone   Normal   <order 0> <order 1> ..."
+        if w.len() > 10 && w[1] == "0," && (w[3] == "DMA32" || w[3] == "Normal") {
+            for c in &w[10..] {
+                n += c.parse::<u64>().context("/proc/buddyinfo")?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Writes `value` to `path` and gives the old value back on drop.
+struct Knob {
+    path: String,
+    old: String,
+}
+
+impl Knob {
+    fn set(path: &str, value: &str) -> Result<Option<Self>> {
+        let Ok(text) = sys::read(path) else {
+            return Ok(None);
+        };
+        // THP knobs read as "always [madvise] never".
+        let old = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+            .unwrap_or(text.trim())
+            .to_string();
+        sys::write(path, value)?;
+        Ok(Some(Self {
+            path: path.to_string(),
+            old,
+        }))
+    }
+}
+
+impl Drop for Knob {
+    fn drop(&mut self) {
+        let _ = sys::write(&self.path, &self.old);
+    }
+}
+
+fn restarts_with_fragmented_node_0() -> Result<()> {
+    const RESTARTS: usize = 200;
+    const CHUNK: usize = 32 << 20;
+    const PAGE: usize = 4096;
+    // Node 1 managed first, so that nothing the kernel allocates can go
+    // there: it stays managed while no server runs.
+    {
+        let mut t = Transport::open(&Config::default()).context("open the device")?;
+        crate::node::attach(&mut t, NODE)?
+            .map_err(|e| anyhow::anyhow!("ATTACH_NODE 1: {}", errno_name(e)))?;
+    }
+    let mut knobs = Vec::new();
+    // Compaction may not move mlocked pages, and anonymous faults take
+    // the largest folios there are (64 KiB to 2 MiB blocks) first.
+    knobs.push(Knob::set("/proc/sys/vm/compact_unevictable_allowed", "0")?);
+    let thp = "/sys/kernel/mm/transparent_hugepage";
+    knobs.push(Knob::set(&format!("{thp}/enabled"), "always")?);
+    for kb in [64, 128, 256, 512, 1024, 2048] {
+        knobs.push(Knob::set(
+            &format!("{thp}/hugepages-{kb}kB/enabled"),
+            "always",
+        )?);
+    }
+    let before = node0_free_order6()?;
+    let mut chunks = Vec::new();
+    let mut left = before;
+    while left > 0 && sys::node_meminfo(0, "MemFree")? > 160 << 10 {
+        let mut mem = Anon::new(CHUNK)?;
+        sys::madvise(&mem, libc::MADV_HUGEPAGE)?;
+        for page in mem.as_mut_slice().chunks_mut(PAGE) {
+            page[0] = 1;
+        }
+        // Split the large folios, then keep every eighth page, locked.
+        sys::write(
+            "/sys/kernel/debug/split_huge_pages",
+            &format!(
+                "{},{:#x},{:#x}",
+                std::process::id(),
+                mem.addr(),
+                mem.addr() + CHUNK
+            ),
+        )?;
+        for group in (0..CHUNK).step_by(8 * PAGE) {
+            let at = mem.addr() + group;
+            // SAFETY: both ranges lie inside `mem`, which stays mapped.
+            let (l, d) = unsafe {
+                (
+                    libc::mlock(at as *const libc::c_void, PAGE),
+                    libc::madvise(
+                        (at + PAGE) as *mut libc::c_void,
+                        7 * PAGE,
+                        libc::MADV_DONTNEED,
+                    ),
+                )
+            };
+            ensure(l == 0 && d == 0, || {
+                format!("mlock/madvise: {}", std::io::Error::last_os_error())
+            })?;
+        }
+        chunks.push(mem);
+        left = node0_free_order6()?;
+    }
+    drop(knobs);
+    let free_mib = sys::node_meminfo(0, "MemFree")? >> 10;
+    let locked_mib = (chunks.len() * CHUNK / 8) >> 20;
+    let mut failures = Vec::new();
+    for i in 0..RESTARTS {
+        // The previous server's ring may still be going away: EBUSY is
+        // retried a while.
+        let r = crate::upcall::open_retry(&Config::default())
+            .context("open and HELLO")
+            .and_then(|mut t| {
+                crate::node::attach(&mut t, NODE)?
+                    .map(|_| ())
+                    .map_err(|e| anyhow::anyhow!("ATTACH_NODE 1: {}", errno_name(e)))
+            });
+        if let Err(e) = r {
+            failures.push(format!("restart {i}: {e:#}"));
+        }
+    }
+    let after = node0_free_order6()?;
+    drop(chunks);
+    // The last server: detach node 1 again for the parts that follow.
+    let mut t = crate::upcall::open_retry(&Config::default()).context("open the device")?;
+    crate::node::attach(&mut t, NODE)?
+        .map_err(|e| anyhow::anyhow!("ATTACH_NODE 1: {}", errno_name(e)))?;
+    t.control_sync(Control::DetachNode { nid: NODE })?
+        .result
+        .context("DETACH_NODE 1")?;
+    println!(
+        "control-plane: node 0 fragmented: free blocks of order >= 6 {before} -> {left} \
+         ({locked_mib} MiB locked in every eighth page, {free_mib} MiB free); {} of {RESTARTS} \
+         restarts failed; {after} such blocks after them",
+        failures.len()
+    );
+    ensure(left == 0, || {
+        format!("node 0 still had {left} free blocks of order >= 6: not fragmented")
+    })?;
+    ensure(failures.is_empty(), || {
+        format!(
+            "{} of {RESTARTS} restarts failed: {}",
+            failures.len(),
+            failures[..failures.len().min(3)].join("; ")
+        )
+    })
+}
+
+fn pid_namespace() -> Result<()> {
+    const LEN: usize = 8 << 20;
+    let mut srv = Server::start_with(1 << 16, "pidns")?;
+    ensure(srv.pid == 1, || {
+        format!(
+            "the server started in a new PID namespace reports pid {}, not 1",
+            srv.pid
+        )
+    })?;
+    let cg = Cgroup::enter("mm-guest-control-plane-pidns")?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(mem.as_mut_slice(), 0x91);
+    cg.leave()?;
+    cg.reclaim(2 * LEN);
+    let (_, on_node1, _) = crate::managed::where_are(&mem)?;
+    ensure(on_node1 > 0, || {
+        "reclaim demoted none of the pages to node 1".into()
+    })?;
+    // Write every page: those on node 1 fault to the server.
+    for page in mem.as_mut_slice().chunks_mut(4096) {
+        // SAFETY: a byte of the page, written back as it is.
+        unsafe { std::ptr::write_volatile(&raw mut page[0], page[0]) };
+    }
+    srv.cmd("self-write")?;
+    let me = std::process::id();
+    let (by_me, _) = srv.faults(me)?;
+    let (by_nobody, _) = srv.faults(0)?;
+    let placed = srv.cmd("placed-by")?;
+    println!(
+        "control-plane: server in a PID namespace: {on_node1} pages of pid {me} demoted; write \
+         faults with tgid {me}: {by_me}, with tgid 0: {by_nobody}; PLACED pages by tgid: {}",
+        placed.join(" ")
+    );
+    let mut failures = Vec::new();
+    if by_me > 0 || by_nobody < on_node1 as u64 {
+        failures.push(format!(
+            "write faults of a process outside the server's namespace: {by_nobody} with tgid 0 \
+             and {by_me} with its initial-namespace pid {me}; want at least {on_node1} and 0"
+        ));
+    }
+    for w in &placed {
+        let (tgid, pages) = w.split_once(':').context("placed-by")?;
+        match tgid {
+            "0" | "1" => {}
+            _ => failures.push(format!(
+                "{pages} pages placed with tgid {tgid}, which the server's namespace does not \
+                 have (want 0 for this process, 1 for the server)"
+            )),
+        }
+    }
+    if !placed.iter().any(|w| w.starts_with("1:")) {
+        failures.push("the server's own pages were not placed as tgid 1".into());
+    }
+    drop(cg);
+    if let Some(i) = sys::check_pattern(mem.as_slice(), 0x91) {
+        failures.push(format!("page {i} lost its contents"));
+    }
+    drop(mem);
+    srv.quit()?;
+    ensure(failures.is_empty(), || failures.join("; "))
+}
+
+fn descriptor_mapping() -> Result<()> {
+    let t = Transport::open(&Config::default()).context("open the device as the server")?;
+    let len = 4096;
+    let off = raw::desc_offset(0);
+    // SAFETY: a new mapping of the device, unmapped below if it is made.
+    let exec = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_SHARED,
+            t.device().as_raw_fd(),
+            off as libc::off_t,
+        )
+    };
+    let exec_err = std::io::Error::last_os_error();
+    let mut failures = Vec::new();
+    if exec == libc::MAP_FAILED {
+        if exec_err.raw_os_error() != Some(libc::EPERM) {
+            failures.push(format!("PROT_EXEC mapping: {exec_err}, want EPERM"));
+        }
+    } else {
+        failures.push("the descriptors were mapped executable".into());
+        // SAFETY: unmapping what was just mapped.
+        unsafe { libc::munmap(exec, len) };
+    }
+    // SAFETY: as above, read-only.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            t.device().as_raw_fd(),
+            off as libc::off_t,
+        )
+    };
+    ensure(p != libc::MAP_FAILED, || {
+        format!(
+            "read-only mapping of the descriptors: {}",
+            std::io::Error::last_os_error()
+        )
+    })?;
+    // SAFETY: the mapping made above.
+    let (x, fork) = unsafe {
+        (
+            libc::mprotect(p, len, libc::PROT_READ | libc::PROT_EXEC),
+            libc::madvise(p, len, libc::MADV_DOFORK),
+        )
+    };
+    if x == 0 {
+        failures.push("mprotect(PROT_EXEC) of the descriptors succeeded".into());
+    }
+    if fork == 0 {
+        failures.push("madvise(MADV_DOFORK) of the descriptors succeeded".into());
+    }
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    ensure(failures.is_empty(), || failures.join("; "))?;
+    println!(
+        "control-plane: the descriptor array cannot be mapped executable, made executable or \
+         inherited (MADV_DOFORK refused)"
+    );
+    Ok(())
 }

@@ -26,7 +26,11 @@
 //! - `self-write`: move 16 of the server's own pages to node 1 and write
 //!   them (the kernel must not make the server wait on itself): pages
 //!   moved, pages on node 0 afterwards, whether the data is right;
+//! - `placed-by`: pages of PLACED events per tgid, as `tgid:pages` words;
 //! - `quit`: detach node 1 and exit.
+//!
+//! Option `pidns` starts the server as the first process of a new PID
+//! namespace (the PIDs the kernel reports must be that namespace's).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -110,6 +114,8 @@ struct State {
     /// Slots whose fetch failed (re-armed); `quit` requires none.
     slot_failures: u64,
     books: Books,
+    /// Pages of PLACED events per tgid.
+    placed_by: BTreeMap<u32, u64>,
     /// Events were lost: the books need a RESYNC.
     stale: bool,
     /// `wf hold`: WRITE_FAULTs are not answered.
@@ -160,9 +166,14 @@ impl State {
             for e in batch {
                 match e {
                     Ok(Event::Placed {
-                        nid, pfn, order, ..
+                        nid,
+                        pfn,
+                        order,
+                        tgid,
+                        ..
                     }) if u32::from(nid) == NODE => {
                         self.placed += 1 << order;
+                        *self.placed_by.entry(tgid).or_default() += 1 << order;
                         self.books.add(pfn, order);
                     }
                     Ok(Event::Freed { pfn, order, .. }) => {
@@ -263,6 +274,15 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
             pfns.sort_unstable();
             let list: Vec<String> = pfns.iter().map(|p| format!("{p:x}")).collect();
             format!("OK {}", list.join(" "))
+        }
+        ["placed-by"] => {
+            st.events(t)?;
+            let words: Vec<String> = st
+                .placed_by
+                .iter()
+                .map(|(tgid, pages)| format!("{tgid}:{pages}"))
+                .collect();
+            format!("OK {}", words.join(" "))
         }
         ["faults", _] => {
             let tgid = num(1)? as u32;
@@ -418,6 +438,8 @@ pub fn serve(args: &[String]) -> Result<()> {
             timeout_ms = ms.parse().context("timeout=<ms>")?;
         } else if let Some(d) = option.strip_prefix("depth=") {
             queue_depth = d.parse().context("depth=<slots>")?;
+        } else if option == "pidns" {
+            sys::enter_new_pid_namespace()?;
         } else if !option.is_empty() {
             bail!("unknown server option {option}");
         }
@@ -456,6 +478,7 @@ pub fn serve(args: &[String]) -> Result<()> {
         malformed: 0,
         slot_failures: 0,
         books: Books::default(),
+        placed_by: BTreeMap::new(),
         stale: false,
         hold: false,
         held: Vec::new(),

@@ -329,3 +329,32 @@ impl Drop for Cgroup {
         let _ = std::fs::remove_dir(&self.path);
     }
 }
+
+/// Go on as PID 1 of a new PID namespace: unshare it and fork; the parent
+/// waits and exits with the child's status, and the child dies with it.
+pub fn enter_new_pid_namespace() -> Result<()> {
+    // SAFETY: plain system calls; this runs before the server starts any
+    // thread, so the child of fork() may go on running Rust code.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWPID) != 0 {
+            bail!("unshare(CLONE_NEWPID): {}", std::io::Error::last_os_error());
+        }
+        match libc::fork() {
+            -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+            0 => {
+                // Its parent is outside the namespace (getppid() is 0).
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            }
+            child => {
+                let mut status = 0;
+                libc::waitpid(child, &mut status, 0);
+                libc::_exit(if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    1
+                });
+            }
+        }
+    }
+}

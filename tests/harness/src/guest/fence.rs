@@ -162,10 +162,10 @@ fn write_after_demotion(srv: &mut Server, how: &str, mut mem: Anon, seed: u64) -
     Ok(())
 }
 
-/// `demote-write-promote`: 256 MiB demoted by reclaim, then 256 MiB moved
+/// `demote-write-promote`: 64 MiB demoted by reclaim, then 64 MiB moved
 /// by the server; every page written once through a WRITE_FAULT.
 pub fn demote_write_promote() -> Result<()> {
-    const LEN: usize = 256 << 20;
+    const LEN: usize = 64 << 20;
     let mut srv = Server::start(1 << 30)?;
 
     let cg = Cgroup::enter("mm-guest-dwp")?;

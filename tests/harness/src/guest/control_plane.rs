@@ -22,6 +22,10 @@
 //!   (killed while its process lives on with the mapping), the pages it
 //!   showed before are not shown either.  Mapping the whole node costs no
 //!   page tables until pages are read.
+//! - *window and memory offline* (finding 1): the server reads its pages
+//!   on node 1 through the window, then a memory block of node 1 that
+//!   holds some of them goes offline (the kernel migrates them to node 0):
+//!   none of that block's frames may be readable through the old mapping.
 //! - *parked FETCHes of a killed server* (finding 7): a server with two
 //!   queues, each on its own ring, is ejected while its process and rings
 //!   live on; the FETCHes parked on both rings must complete (`ENODEV`)
@@ -75,11 +79,12 @@ const FD_ENV: &str = "MM_GUEST_DEVICE_FD";
 /// Every part runs, and the scenario fails with all their failures.
 pub fn run() -> Result<()> {
     type Part = (&'static str, fn() -> Result<()>);
-    let parts: [Part; 9] = [
+    let parts: [Part; 10] = [
         ("passed descriptor", passed_descriptor),
         ("launcher", launcher),
         ("denial after a re-attach", denial_after_reattach),
         ("window", window),
+        ("window and memory offline", window_and_memory_offline),
         (
             "parked FETCHes of a killed server",
             parked_fetches_of_a_killed_server,
@@ -1076,4 +1081,113 @@ fn descriptor_mapping() -> Result<()> {
          inherited (MADV_DOFORK refused)"
     );
     Ok(())
+}
+
+/// The memory blocks (`/sys/devices/system/memory/memory<n>`) of `nid`,
+/// lowest first.
+fn node_blocks(nid: u32) -> Result<Vec<u64>> {
+    let mut blocks = Vec::new();
+    for e in std::fs::read_dir(format!("/sys/devices/system/node/node{nid}"))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix("memory").and_then(|n| n.parse().ok()) {
+            blocks.push(n);
+        }
+    }
+    blocks.sort_unstable();
+    Ok(blocks)
+}
+
+fn window_and_memory_offline() -> Result<()> {
+    // Enough pages to spill over several memory blocks of node 1: some
+    // blocks cannot go offline (the last one of the node is refused with
+    // EINVAL here, the first holds the node's memmap).
+    const PAGES: usize = 48 << 10;
+    const PAGE: usize = 4096;
+    let block_size = sys::read("/sys/devices/system/memory/block_size_bytes")?;
+    let block_pages = u64::from_str_radix(block_size.trim(), 16)? / PAGE as u64;
+    // No events: this part reads none, and its 48 Ki placements and their
+    // migration off the offlined block would overflow the queue.
+    let mut t = Transport::open(&Config {
+        features: raw::features::ALL & !raw::features::EVENTS,
+        ..Config::default()
+    })
+    .context("open the device as the server")?;
+    let info = crate::node::attach(&mut t, NODE)?
+        .map_err(|e| anyhow::anyhow!("ATTACH_NODE 1: {}", errno_name(e)))?;
+    let mut mem = Anon::new(PAGES * PAGE)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    sys::fill_pattern(mem.as_mut_slice(), 0x3c);
+    let (r, status) = sys::move_pages(0, mem.addr(), PAGES, NODE as i32);
+    ensure(r == 0 && status.iter().all(|&s| s == NODE as i32), || {
+        format!("move_pages of the server's pages to node 1: {r}")
+    })?;
+    let pfns = sys::pfns(&mem)?;
+    let map = t.map_node(&info).context("map node 1's window")?;
+    let mut page = [0u8; PAGE];
+    // Read every page: the window now maps them all.
+    if let Some(i) = pfns.iter().position(|&pfn| !map.read_page(pfn, &mut page)) {
+        bail!("the server's page {i} on node 1 is not shown");
+    }
+    // Offline a block of node 1 (not its first, which holds its memmap)
+    // that holds some of those pages; the kernel migrates them to node 0.
+    let mut offlined = None;
+    let mut refused = Vec::new();
+    for &b in node_blocks(NODE)?.iter().skip(1).rev() {
+        let inside: Vec<u64> = pfns
+            .iter()
+            .copied()
+            .filter(|p| p / block_pages == b)
+            .collect();
+        if inside.is_empty() {
+            continue;
+        }
+        match sys::write(
+            &format!("/sys/devices/system/memory/memory{b}/state"),
+            "offline",
+        ) {
+            Ok(()) => {
+                offlined = Some((b, inside));
+                break;
+            }
+            Err(e) => refused.push(format!("memory{b}: {e:#}")),
+        }
+    }
+    let Some((block, inside)) = offlined else {
+        bail!(
+            "no block of node 1 that holds the server's pages would go offline: {}",
+            refused.join("; ")
+        );
+    };
+    let still = inside
+        .iter()
+        .filter(|&&pfn| map.read_page(pfn, &mut page))
+        .count();
+    let online = sys::write(
+        &format!("/sys/devices/system/memory/memory{block}/state"),
+        "online",
+    );
+    drop(map);
+    let mut failures = Vec::new();
+    if still > 0 {
+        failures.push(format!(
+            "after memory{block} went offline, {still} of the {} frames the window showed in it \
+             are still readable through the old mapping",
+            inside.len()
+        ));
+    }
+    if let Err(e) = online {
+        failures.push(format!("memory{block} would not come online again: {e:#}"));
+    }
+    if let Some(i) = sys::check_pattern(mem.as_slice(), 0x3c) {
+        failures.push(format!("page {i} lost its contents"));
+    }
+    t.control_sync(Control::DetachNode { nid: NODE })?
+        .result
+        .context("DETACH_NODE 1")?;
+    println!(
+        "control-plane: memory{block} of node 1 went offline with {} of the server's pages in \
+         it, all shown through the window before; {still} shown after",
+        inside.len()
+    );
+    ensure(failures.is_empty(), || failures.join("; "))
 }

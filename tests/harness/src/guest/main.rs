@@ -119,8 +119,9 @@ fn expected_anomalies(scenario: &str) -> &'static [&'static str] {
         // A commit of a slot that holds no request; a PING nobody answers.
         "upcall-bad-input" => &["bad_commits", "timeouts"],
         // Servers that close with requests nobody waits for still queued
-        // (200 restarts while node 0 is fragmented, a test server that
-        // quits after its workload): those requests take the default.
+        // (NUMA hint requests for the server's pages on node 1, credit
+        // requests during 200 restarts while node 0 is fragmented): those
+        // requests take the default.
         "control-plane" => &["aborted"],
         // Pinned pages (a promotion that fails, a copy decided and then
         // written in place because of the pin), held and interrupted

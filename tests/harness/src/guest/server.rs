@@ -105,6 +105,15 @@ impl MmServer {
         })
     }
 
+    /// A `kB` line of mm-server's `/proc/<pid>/status` (`VmRSS`, `VmPTE`).
+    pub fn status_kb(&self, key: &str) -> Result<u64> {
+        let text = sys::read(&format!("/proc/{}/status", self.child.id()))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {key} in mm-server's /proc status"))
+    }
+
     pub fn metrics(&self) -> Result<String> {
         AdminClient::connect(&self.sock)?.metrics()
     }
@@ -342,6 +351,7 @@ pub fn e2e() -> Result<()> {
     sys::write("/sys/kernel/mm/numa/demotion_enabled", "true")?;
     let node1_mib = node_mib(1, "MemTotal")?;
     let srv = MmServer::start("server-e2e", node1_mib, "")?;
+    let (rss0, pte0) = (srv.status_kb("VmRSS")?, srv.status_kb("VmPTE")?);
     let node0_mib = node_mib(0, "MemTotal")?;
     let len = (node0_mib as usize * 3 / 2) << 20;
     println!(
@@ -366,6 +376,18 @@ pub fn e2e() -> Result<()> {
         Content::Compressible,
     )?;
     let on_node = agree(&srv, "after demotion", Books::FromEvents)?;
+    // What measuring costs mm-server: it reads every page placed on node
+    // 1 through the on-demand window, which maps only those.
+    srv.measured()?;
+    let (rss, pte) = (srv.status_kb("VmRSS")?, srv.status_kb("VmPTE")?);
+    let gib = on_node as f64 / f64::from(1 << 18);
+    println!(
+        "server-e2e: mm-server measured {on_node} pages of node 1 ({gib:.2} GiB) through the \
+         window: VmRSS {rss0} -> {rss} kB, VmPTE {pte0} -> {pte} kB ({:.0} kB of page tables and \
+         {:.0} kB of RSS per GiB measured)",
+        pte.saturating_sub(pte0) as f64 / gib,
+        rss.saturating_sub(rss0) as f64 / gib,
+    );
     // Within the credit mm-server handed out: the kernel's count of
     // anonymous pages on node 1 (nothing has left it yet) is at most what
     // GRANT verdicts and SET_CREDIT commands gave.

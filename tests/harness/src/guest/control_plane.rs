@@ -633,24 +633,35 @@ fn holder(sock: &UnixStream, unprivileged: bool) -> Result<Vec<String>> {
 }
 
 /// mmap 4 KiB of the device read-only at `off`: 0 or -errno.
-fn try_mmap(dev: &File, off: u64) -> i32 {
-    // SAFETY: a new read-only shared mapping, unmapped at once if it is made.
+/// A new shared mapping of one page of the device at `off`.
+fn map_page(dev: &File, off: u64, prot: i32) -> std::io::Result<*mut libc::c_void> {
+    // SAFETY: a new shared mapping at an address the kernel chooses; the
+    // caller unmaps it.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             4096,
-            libc::PROT_READ,
+            prot,
             libc::MAP_SHARED,
             dev.as_raw_fd(),
             off as libc::off_t,
         )
     };
     if p == libc::MAP_FAILED {
-        -std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        Err(std::io::Error::last_os_error())
     } else {
-        // SAFETY: unmapping what was just mapped.
-        unsafe { libc::munmap(p, 4096) };
-        0
+        Ok(p)
+    }
+}
+
+fn try_mmap(dev: &File, off: u64) -> i32 {
+    match map_page(dev, off, libc::PROT_READ) {
+        Err(e) => -e.raw_os_error().unwrap_or(0),
+        Ok(p) => {
+            // SAFETY: unmapping what was just mapped.
+            unsafe { libc::munmap(p, 4096) };
+            0
+        }
     }
 }
 
@@ -1021,45 +1032,18 @@ fn descriptor_mapping() -> Result<()> {
     let t = Transport::open(&Config::default()).context("open the device as the server")?;
     let len = 4096;
     let off = raw::desc_offset(0);
-    // SAFETY: a new mapping of the device, unmapped below if it is made.
-    let exec = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_SHARED,
-            t.device().as_raw_fd(),
-            off as libc::off_t,
-        )
-    };
-    let exec_err = std::io::Error::last_os_error();
     let mut failures = Vec::new();
-    if exec == libc::MAP_FAILED {
-        if exec_err.raw_os_error() != Some(libc::EPERM) {
-            failures.push(format!("PROT_EXEC mapping: {exec_err}, want EPERM"));
+    match map_page(t.device(), off, libc::PROT_READ | libc::PROT_EXEC) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        Err(e) => failures.push(format!("PROT_EXEC mapping: {e}, want EPERM")),
+        Ok(exec) => {
+            failures.push("the descriptors were mapped executable".into());
+            // SAFETY: unmapping what was just mapped.
+            unsafe { libc::munmap(exec, len) };
         }
-    } else {
-        failures.push("the descriptors were mapped executable".into());
-        // SAFETY: unmapping what was just mapped.
-        unsafe { libc::munmap(exec, len) };
     }
-    // SAFETY: as above, read-only.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            t.device().as_raw_fd(),
-            off as libc::off_t,
-        )
-    };
-    ensure(p != libc::MAP_FAILED, || {
-        format!(
-            "read-only mapping of the descriptors: {}",
-            std::io::Error::last_os_error()
-        )
-    })?;
+    let p = map_page(t.device(), off, libc::PROT_READ)
+        .context("read-only mapping of the descriptors")?;
     // SAFETY: the mapping made above.
     let (x, fork) = unsafe {
         (

@@ -4,23 +4,14 @@ use libfuzzer_sys::fuzz_target;
 use mm_upcall_proto::control::Control;
 use mm_upcall_proto::raw::ctrl_op;
 
-const OPS: [u32; 7] = [
-    ctrl_op::HELLO,
-    ctrl_op::ATTACH_NODE,
-    ctrl_op::DETACH_NODE,
-    ctrl_op::SET_CREDIT,
-    ctrl_op::PROMOTE_PFN,
-    ctrl_op::RESYNC,
-    ctrl_op::PING,
-];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else {
         return;
     };
     // Mostly real opcodes, sometimes arbitrary ones.
-    let cmd_op = match OPS.get(usize::from(sel) % 8) {
-        Some(op) => *op,
+    let cmd_op = match ctrl_op::ALL.get(usize::from(sel) % 8) {
+        Some((op, _)) => *op,
         None if rest.len() >= 4 => u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]),
         None => return,
     };

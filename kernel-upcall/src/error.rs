@@ -46,8 +46,10 @@ pub enum Error {
     #[error("malformed record from the kernel")]
     Decode(#[from] DecodeError),
     /// The kernel granted fewer features than required.
-    #[error("the kernel does not grant features {missing:#x}")]
-    Features { missing: u64 },
+    #[error("the kernel does not grant features {missing:?}")]
+    Features {
+        missing: mm_upcall_proto::raw::Features,
+    },
     /// The server is being torn down (device released or commands cancelled).
     #[error("the transport is shutting down")]
     Shutdown,
@@ -69,6 +71,12 @@ impl Error {
             Error::Features { .. } => -libc::EOPNOTSUPP,
             Error::Shutdown => -libc::ENODEV,
         }
+    }
+
+    /// Another server holds the device (`EBUSY` on open): retry after it
+    /// went away.
+    pub fn is_busy(&self) -> bool {
+        self.errno() == -libc::EBUSY && !matches!(self, Error::SqFull)
     }
 
     /// A command error from a CQE result.
@@ -96,7 +104,9 @@ mod tests {
             Error::SqFull,
             Error::command("HELLO", -libc::EPROTONOSUPPORT),
             Error::Decode(DecodeError::ReservedNonZero { field: "reserved" }),
-            Error::Features { missing: 1 },
+            Error::Features {
+                missing: mm_upcall_proto::raw::Features::WRITE_FAULT,
+            },
             Error::Shutdown,
         ];
         let want = [

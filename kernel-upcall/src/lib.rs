@@ -26,9 +26,10 @@ mod transport;
 
 pub use error::Error;
 pub use mm_upcall_proto as proto;
-pub use sys::{NodeMap, PAGE_SIZE};
+pub use sys::{NodeMap, PAGE_SIZE, poll_hung_up};
 pub use transport::{
-    CTRL_TAG, Completion, Config, ControlOutcome, QueueOpener, Transport, WATCH_TAG, ping_reply,
+    CTRL_TAG, Completion, Config, ControlOutcome, CtrlToken, DROP_WAIT, QueueOpener, Transport,
+    WATCH_TAG, ping_reply,
 };
 
 /// Path of the device node the kernel series creates.

@@ -41,9 +41,9 @@ pub struct Config {
     /// Longest time any task waits on us; 0 = kernel default.
     pub timeout_ms: u32,
     /// `MM_UPCALL_F_*` to ask for.
-    pub features: u64,
+    pub features: raw::Features,
     /// Features without which `open` fails.
-    pub required: u64,
+    pub required: raw::Features,
 }
 
 impl Default for Config {
@@ -53,11 +53,17 @@ impl Default for Config {
             nr_queues: 1,
             queue_depth: 64,
             timeout_ms: 0,
-            features: raw::features::ALL,
-            required: 0,
+            features: raw::Features::ALL,
+            required: raw::Features::empty(),
         }
     }
 }
+
+/// Names a control command submitted with [`Transport::submit_control`];
+/// its [`Completion::Control`] carries the same token.  A token is reused
+/// once its command completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtrlToken(usize);
 
 /// Result of a control command.
 #[derive(Debug)]
@@ -85,7 +91,7 @@ pub enum Completion {
     SlotFailed { slot: u16, error: Error },
     /// A control command submitted with [`Transport::submit_control`] ended.
     Control {
-        token: usize,
+        token: CtrlToken,
         outcome: ControlOutcome,
     },
     /// The kernel is tearing this server down (`-ENODEV`/`-ECANCELED`).
@@ -121,16 +127,7 @@ impl std::fmt::Debug for Transport {
 }
 
 fn ctrl_name(cmd_op: u32) -> &'static str {
-    match cmd_op {
-        raw::ctrl_op::HELLO => "HELLO",
-        raw::ctrl_op::ATTACH_NODE => "ATTACH_NODE",
-        raw::ctrl_op::DETACH_NODE => "DETACH_NODE",
-        raw::ctrl_op::SET_CREDIT => "SET_CREDIT",
-        raw::ctrl_op::PROMOTE_PFN => "PROMOTE_PFN",
-        raw::ctrl_op::RESYNC => "RESYNC",
-        raw::ctrl_op::PING => "PING",
-        _ => "control command",
-    }
+    raw::ctrl_op::name(cmd_op).unwrap_or("control command")
 }
 
 impl Transport {
@@ -188,7 +185,7 @@ impl Transport {
                 queue_depth: 0,
                 desc_size: 0,
                 timeout_ms: 0,
-                features: 0,
+                features: raw::Features::empty(),
             },
             ctrl: Slab::new(),
             ready: VecDeque::new(),
@@ -211,8 +208,8 @@ impl Transport {
         })?;
         out.result?;
         self.hello = HelloReply::decode(&out.reply)?;
-        let missing = cfg.required & !self.hello.features;
-        if missing != 0 {
+        let missing = cfg.required.difference(self.hello.features);
+        if !missing.is_empty() {
             return Err(Error::Features { missing });
         }
         self.arm()
@@ -317,7 +314,7 @@ impl Transport {
     /// # Errors
     ///
     /// Ring errors.
-    pub fn submit_control(&mut self, ctrl: Control) -> Result<usize, Error> {
+    pub fn submit_control(&mut self, ctrl: Control) -> Result<CtrlToken, Error> {
         let mut op = CtrlOp {
             name: ctrl_name(ctrl.cmd_op()),
             reply: vec![0u8; ctrl.reply_len()].into_boxed_slice(),
@@ -371,7 +368,7 @@ impl Transport {
         cmd_op: u32,
         area: [u8; CTRL_CMD_SIZE],
         op: CtrlOp,
-    ) -> Result<usize, Error> {
+    ) -> Result<CtrlToken, Error> {
         let entry = self.ctrl.vacant_entry();
         let token = entry.key();
         // IOSQE_ASYNC: control commands run in io-wq anyway (the kernel
@@ -393,7 +390,7 @@ impl Transport {
             self.ctrl.remove(token);
             return Err(e);
         }
-        Ok(token)
+        Ok(CtrlToken(token))
     }
 
     /// Submit a control command with an arbitrary `cmd_op` and command area
@@ -453,6 +450,23 @@ impl Transport {
         sys::push_no_buffers(&mut self.ring, &sqe)
     }
 
+    /// Watch the device for queued events (one shot), as
+    /// [`Transport::watch`] does for other descriptors: the loop then
+    /// sleeps until an event arrives instead of polling on a tick.  When
+    /// the server is torn down the watch fires too; check
+    /// [`crate::poll_hung_up`].
+    ///
+    /// # Errors
+    ///
+    /// Ring errors.
+    pub fn watch_events(&mut self, token: u32) -> Result<(), Error> {
+        let sqe = opcode::PollAdd::new(types::Fd(self.dev.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(WATCH_TAG + u64::from(token))
+            .into();
+        sys::push_no_buffers(&mut self.ring, &sqe)
+    }
+
     /// Map the memory of the attached node `info` read-only (needs
     /// `MM_UPCALL_F_NODE_MMAP`).
     ///
@@ -474,7 +488,7 @@ impl Transport {
         self.wait_control(token)
     }
 
-    fn wait_control(&mut self, token: usize) -> Result<ControlOutcome, Error> {
+    fn wait_control(&mut self, token: CtrlToken) -> Result<ControlOutcome, Error> {
         loop {
             if let Some(i) = self
                 .ready
@@ -529,7 +543,7 @@ impl Transport {
                 Err(Error::command(op.name, res))
             };
             return Completion::Control {
-                token,
+                token: CtrlToken(token),
                 outcome: ControlOutcome {
                     name: op.name,
                     result,
@@ -636,6 +650,42 @@ impl Transport {
     }
 }
 
+/// Dropping a transport with control commands in flight is sound: their
+/// reply buffers are owned by the transport, and the kernel may still be
+/// writing one (control commands run in io-wq workers, which closing the
+/// ring does not stop at once).  So the drop first waits, up to
+/// [`DROP_WAIT`], for those commands to complete; a buffer whose command
+/// is still in flight after that is leaked, never freed, and the command's
+/// result is lost (the command itself runs or is cancelled by the kernel
+/// as the device closes).  Upcalls waiting in slots are answered by the
+/// kernel's timeout; nothing else is left behind.
+impl Drop for Transport {
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + DROP_WAIT;
+        while !self.ctrl.is_empty() && std::time::Instant::now() < deadline {
+            let ts = types::Timespec::from(std::time::Duration::from_millis(10));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.ring.submitter().submit_with_args(1, &args)
+                && !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                )
+            {
+                break;
+            }
+            // Completing a command frees its slab entry (and buffer).
+            self.drain();
+        }
+        for op in self.ctrl.drain() {
+            // The kernel may still write it: leak it.
+            std::mem::forget(op.reply);
+        }
+    }
+}
+
+/// How long dropping a [`Transport`] waits for its control commands.
+pub const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A ring for one queue.  One thread drives it, so the kernel can queue
 /// our completions (the upcalls) as local work that runs when we wait,
 /// instead of interrupting us with task-work signals.
@@ -726,16 +776,8 @@ mod tests {
 
     #[test]
     fn control_names_cover_every_control_opcode() {
-        for op in [
-            raw::ctrl_op::HELLO,
-            raw::ctrl_op::ATTACH_NODE,
-            raw::ctrl_op::DETACH_NODE,
-            raw::ctrl_op::SET_CREDIT,
-            raw::ctrl_op::PROMOTE_PFN,
-            raw::ctrl_op::RESYNC,
-            raw::ctrl_op::PING,
-        ] {
-            assert_ne!(ctrl_name(op), "control command");
+        for (op, name) in raw::ctrl_op::ALL {
+            assert_eq!(ctrl_name(op), name);
         }
         assert_eq!(ctrl_name(0), "control command");
     }

@@ -9,8 +9,9 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mm_server::capacity::{Geometry, NodeAccount};
-use mm_server::fake::{FakeKernel, serve_all};
+use mm_server::core::{Core, CoreConfig};
 use mm_server::policy::{Policy, PolicyConfig};
+use mm_upcall_proto::event::{Event, PlaceReason};
 use mm_upcall_proto::upcall::{Fault, Request, Upcall};
 use mm_upcall_proto::verdict::{IoCommand, Verdict};
 use zerocopy::IntoBytes as _;
@@ -71,6 +72,39 @@ fn policy() -> Policy {
     p
 }
 
+/// The server's core with the same node, its books built from PLACED
+/// events as the driver would.
+fn core() -> Core {
+    let g = Geometry {
+        capacity: 1 << 30,
+        granule: 64,
+        low: 60,
+        high: 80,
+        critical: 95,
+    };
+    let cfg = CoreConfig {
+        policy: PolicyConfig::default(),
+        hot_window_ns: 1_000_000_000,
+        drain_timeout_ns: 1_000_000_000,
+        detach_on_stop: false,
+    };
+    let mut c = Core::new(cfg, vec![(1, NodeAccount::new(g, START, N).unwrap())], 0).unwrap();
+    for i in 0..N as u64 {
+        c.event(&Event::Placed {
+            nid: 1,
+            pfn: START + i,
+            order: 0,
+            tgid: 1,
+            vaddr: 0,
+            reason: PlaceReason::Resync,
+        });
+    }
+    while let Some((n, pfn)) = c.pop_measure() {
+        c.measured(n, pfn, Some(700));
+    }
+    c
+}
+
 fn bench(c: &mut Criterion) {
     let descs = descs();
     let mut g = c.benchmark_group("verdict");
@@ -107,24 +141,22 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
-    let mut p = policy();
-    g.bench_function("through FakeKernel", |b| {
-        let mut k = FakeKernel::new(N as u16);
+    let mut core = core();
+    let mut now = 0u64;
+    g.bench_function("decode+core+encode", |b| {
         b.iter(|| {
-            for i in 0..N as u64 {
-                k.post(Upcall::WriteFault(Fault {
-                    nid: 1,
-                    cpu_nid: 0,
-                    order: 0,
-                    thp: false,
-                    tgid: 1,
-                    tid: 1,
-                    pfn: START + i,
-                    vaddr: 0,
-                }));
+            now += 1_000_000;
+            for d in &descs {
+                let r = Request::decode(black_box(d)).unwrap();
+                let v = core.upcall(&r.upcall, now);
+                let cmd = IoCommand::CommitAndFetch {
+                    q_id: 0,
+                    slot: 0,
+                    seq: r.seq,
+                    verdict: v,
+                };
+                black_box(cmd.to_raw());
             }
-            serve_all(&mut k, &mut p, 0).unwrap();
-            k.verdicts.clear();
         })
     });
     g.finish();

@@ -22,6 +22,7 @@ use mm_upcall_proto::socket::{
     self, ErrorCode, Frame, HEADER_SIZE, MAX_FRAME_SIZE, MAX_METRICS_TEXT,
 };
 
+use crate::driver::Published;
 use crate::metrics::Snapshot;
 
 /// Connections served at once; more are refused with `Busy`.
@@ -54,17 +55,13 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 
 /// Serve `listener` from `snapshot` on a new thread, for the life of the
 /// process, to root only.
-pub fn spawn(listener: UnixListener, snapshot: Arc<Mutex<Snapshot>>) -> io::Result<()> {
+pub fn spawn(listener: UnixListener, snapshot: Published) -> io::Result<()> {
     spawn_for(listener, snapshot, 0)
 }
 
 /// As [`spawn`], for clients of uid `allowed_uid` (root: 0).  Tests give
 /// their own uid, so that every check runs whoever runs them.
-pub fn spawn_for(
-    listener: UnixListener,
-    snapshot: Arc<Mutex<Snapshot>>,
-    allowed_uid: u32,
-) -> io::Result<()> {
+pub fn spawn_for(listener: UnixListener, snapshot: Published, allowed_uid: u32) -> io::Result<()> {
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
@@ -165,7 +162,7 @@ pub fn metrics_frame(text: &str) -> Vec<u8> {
     out
 }
 
-fn client(s: &mut UnixStream, snap: &Mutex<Snapshot>, allowed_uid: u32) -> io::Result<()> {
+fn client(s: &mut UnixStream, snap: &Mutex<Arc<Snapshot>>, allowed_uid: u32) -> io::Result<()> {
     s.set_read_timeout(Some(READ_TIMEOUT))?;
     s.set_write_timeout(Some(READ_TIMEOUT))?;
     if crate::sys::peer_uid(s)? != allowed_uid {
@@ -218,10 +215,11 @@ fn client(s: &mut UnixStream, snap: &Mutex<Snapshot>, allowed_uid: u32) -> io::R
     }
 }
 
-fn lock(m: &Mutex<Snapshot>) -> std::sync::MutexGuard<'_, Snapshot> {
-    // A panic elsewhere cannot leave a snapshot half-written in a way that
-    // matters: it is a copy of counters.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The latest snapshot: the lock is held only to clone the `Arc`, so
+/// rendering never delays the loop that publishes.
+fn lock(m: &Mutex<Arc<Snapshot>>) -> Arc<Snapshot> {
+    // A panic elsewhere cannot leave the pointer half-written.
+    Arc::clone(&m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 /// A client of the admin socket (for `mm-server metrics` and tests).

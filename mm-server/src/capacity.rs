@@ -198,6 +198,22 @@ pub enum AccountError {
     NotResident { pfn: u64 },
 }
 
+/// Pages per block summary.
+pub const BLOCK_PAGES: usize = 4096;
+/// Cost bands (of the worst case) that eviction planning picks from, the
+/// costliest first.
+pub const BANDS: usize = 16;
+
+/// A summary of [`BLOCK_PAGES`] pages.
+#[derive(Debug, Clone, Copy, Default)]
+struct Block {
+    resident: u32,
+    unmeasured: u32,
+    /// Some page of the block has heat (cooling skips the others).
+    heated: bool,
+    bands: [u32; BANDS],
+}
+
 /// The accounting of one managed node.
 #[derive(Debug, Clone)]
 pub struct NodeAccount {
@@ -220,6 +236,18 @@ pub struct NodeAccount {
     set_hash: u64,
     zero_pages: u64,
     writable: u64,
+    /// Summaries of [`BLOCK_PAGES`] pages each: what eviction planning,
+    /// measuring and draining scan instead of the page array.
+    blocks: Vec<Block>,
+    /// Resident pages per cost band, over the node.
+    band_pages: [u64; BANDS],
+    /// Pages in state `Unmeasured`.
+    unmeasured: u64,
+    /// Where the search for the next page to measure resumes.
+    measure_cursor: usize,
+    /// Pfns that were writable in place when the books were last cleared
+    /// (see [`Self::clear`]).
+    was_writable: Vec<u64>,
     /// Pages in state `Measured`, and what they cost: the node's measured
     /// compression, which sizes credit grants.
     measured_pages: u64,
@@ -239,6 +267,10 @@ impl NodeAccount {
             geometry,
             start_pfn,
             pages: vec![PageMeta::default(); nr_pages],
+            blocks: vec![Block::default(); nr_pages.div_ceil(BLOCK_PAGES)],
+            band_pages: [0; BANDS],
+            unmeasured: 0,
+            measure_cursor: 0,
             used: 0,
             credit: 0,
             retiring: 0,
@@ -246,6 +278,7 @@ impl NodeAccount {
             set_hash: 0,
             zero_pages: 0,
             writable: 0,
+            was_writable: Vec::new(),
             measured_pages: 0,
             measured_bytes: 0,
         })
@@ -379,6 +412,93 @@ impl NodeAccount {
         self.credit = self.credit.saturating_sub(pages);
     }
 
+    /// The cost band of a resident page.
+    fn band(&self, m: PageMeta) -> usize {
+        let b = self.cost(m) * BANDS as u64 / (u64::from(self.worst) + 1);
+        (b as usize).min(BANDS - 1)
+    }
+
+    /// Set page `i` to `new`, keeping the summaries (heat aside).
+    fn store(&mut self, i: usize, new: PageMeta) {
+        let old = self.pages[i];
+        let k = i / BLOCK_PAGES;
+        if old.state() != PageState::Empty {
+            let band = self.band(old);
+            let b = &mut self.blocks[k];
+            b.resident -= 1;
+            b.bands[band] -= 1;
+            self.band_pages[band] -= 1;
+            if old.state() == PageState::Unmeasured {
+                b.unmeasured -= 1;
+                self.unmeasured -= 1;
+            }
+        }
+        if new.state() != PageState::Empty {
+            let band = self.band(new);
+            let b = &mut self.blocks[k];
+            b.resident += 1;
+            b.bands[band] += 1;
+            self.band_pages[band] += 1;
+            if new.state() == PageState::Unmeasured {
+                b.unmeasured += 1;
+                self.unmeasured += 1;
+            }
+        }
+        self.pages[i] = new;
+    }
+
+    /// Pages waiting to be measured.
+    pub fn unmeasured(&self) -> u64 {
+        self.unmeasured
+    }
+
+    /// The next page to measure, in pfn order from where the last search
+    /// stopped (wrapping); the block summaries skip what has none.
+    pub fn next_unmeasured(&mut self) -> Option<u64> {
+        if self.unmeasured == 0 {
+            return None;
+        }
+        let n = self.pages.len();
+        let mut i = self.measure_cursor.min(n);
+        for _ in 0..=self.blocks.len() {
+            if i >= n {
+                i = 0;
+            }
+            let k = i / BLOCK_PAGES;
+            let end = ((k + 1) * BLOCK_PAGES).min(n);
+            if self.blocks[k].unmeasured > 0
+                && let Some(j) = (i..end).find(|&j| self.pages[j].state() == PageState::Unmeasured)
+            {
+                self.measure_cursor = j + 1;
+                return Some(self.start_pfn + j as u64);
+            }
+            i = end;
+        }
+        None
+    }
+
+    /// Up to `max` resident pfns for which `skip` is false, in pfn order
+    /// (draining uses it); empty blocks are skipped by their summaries.
+    pub fn resident_sample(&self, max: usize, skip: impl Fn(u64) -> bool) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (k, b) in self.blocks.iter().enumerate() {
+            if b.resident == 0 {
+                continue;
+            }
+            let r = k * BLOCK_PAGES..((k + 1) * BLOCK_PAGES).min(self.pages.len());
+            for j in r {
+                let pfn = self.start_pfn + j as u64;
+                if self.pages[j].state() != PageState::Empty && !skip(pfn) {
+                    out.push(pfn);
+                    if out.len() >= max {
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     fn index(&self, pfn: u64) -> Result<usize, AccountError> {
         pfn.checked_sub(self.start_pfn)
             .map(|i| i as usize)
@@ -421,7 +541,18 @@ impl NodeAccount {
             });
         }
         for i in r {
-            self.pages[i] = PageMeta::default().with_state(PageState::Unmeasured);
+            let p = self.start_pfn + i as u64;
+            // A page the kernel may still have mapped writable: it stays
+            // charged at the worst case (its contents can change).
+            let state = match self.was_writable.iter().position(|&w| w == p) {
+                Some(k) => {
+                    self.was_writable.swap_remove(k);
+                    self.writable += 1;
+                    PageState::Writable
+                }
+                None => PageState::Unmeasured,
+            };
+            self.store(i, PageMeta::default().with_state(state));
             self.used += u64::from(self.worst);
             self.resident += 1;
             self.set_hash = self
@@ -480,7 +611,7 @@ impl NodeAccount {
         if granules == 0 {
             self.zero_pages += 1;
         }
-        self.pages[i] = new_meta;
+        self.store(i, new_meta);
         Ok(())
     }
 
@@ -491,6 +622,10 @@ impl NodeAccount {
     /// [`AccountError`] if a page of it is not resident; nothing changes.
     pub fn left(&mut self, pfn: u64, order: u32) -> Result<(), AccountError> {
         let r = self.range(pfn, order)?;
+        if !self.was_writable.is_empty() {
+            let end = pfn + r.len() as u64;
+            self.was_writable.retain(|p| !(pfn..end).contains(p));
+        }
         if let Some(i) = r
             .clone()
             .find(|&i| self.pages[i].state() == PageState::Empty)
@@ -516,7 +651,7 @@ impl NodeAccount {
             if m.state() == PageState::Writable {
                 self.writable -= 1;
             }
-            self.pages[i] = PageMeta::default();
+            self.store(i, PageMeta::default());
         }
         Ok(())
     }
@@ -551,7 +686,7 @@ impl NodeAccount {
         }
         self.used += extra;
         self.writable += 1;
-        self.pages[i] = m.with_state(PageState::Writable);
+        self.store(i, m.with_state(PageState::Writable));
         Ok(true)
     }
 
@@ -560,13 +695,23 @@ impl NodeAccount {
         if let Ok(i) = self.index(pfn) {
             let m = self.pages[i];
             self.pages[i] = m.with_heat(m.heat().saturating_add(1));
+            self.blocks[i / BLOCK_PAGES].heated = true;
         }
     }
 
     /// Halve every page's heat (end of a hotness window).
     pub fn cool(&mut self) {
-        for m in &mut self.pages {
-            *m = m.with_heat(m.heat() / 2);
+        for (k, b) in self.blocks.iter_mut().enumerate() {
+            if !b.heated {
+                continue;
+            }
+            let end = ((k + 1) * BLOCK_PAGES).min(self.pages.len());
+            let mut any = false;
+            for m in &mut self.pages[k * BLOCK_PAGES..end] {
+                *m = m.with_heat(m.heat() / 2);
+                any |= m.heat() > 0;
+            }
+            b.heated = any;
         }
     }
 
@@ -594,24 +739,59 @@ impl NodeAccount {
     /// The pages to evict to bring [`Self::projected`] below the low
     /// watermark, whatever the level (empty when already below).
     pub fn plan_to_low(&self) -> Vec<u64> {
+        self.plan_to_low_limited(usize::MAX, |_| false)
+    }
+
+    /// [`Self::plan_to_low`], at most `limit` pages, leaving out those for
+    /// which `skip` is true: the costliest band first, and within a band in
+    /// pfn order, the coldest first.  The cost does not depend on how many
+    /// pages are resident: the band totals say which bands to look in, the
+    /// block summaries which blocks, and only those blocks' pages are read.
+    pub fn plan_to_low_limited(&self, limit: usize, skip: impl Fn(u64) -> bool) -> Vec<u64> {
         let low = self.geometry.mark(self.geometry.low);
         let mut need = self.projected().saturating_sub(low);
-        let mut cands: Vec<(u64, u8, usize)> = self
-            .pages
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.state() != PageState::Empty)
-            .map(|(i, m)| (self.cost(*m), m.heat(), i))
-            .filter(|&(cost, _, _)| cost > 0)
-            .collect();
-        cands.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let mut plan = Vec::new();
-        for (cost, _, i) in cands {
-            if need == 0 {
+        for band in (0..BANDS).rev() {
+            if need == 0 || plan.len() >= limit {
                 break;
             }
-            plan.push(self.start_pfn + i as u64);
-            need = need.saturating_sub(cost);
+            if self.band_pages[band] == 0 {
+                continue;
+            }
+            // Two passes: cold pages, then the rest.
+            for hot in [false, true] {
+                for (k, b) in self.blocks.iter().enumerate() {
+                    if need == 0 || plan.len() >= limit {
+                        break;
+                    }
+                    if b.bands[band] == 0 || (hot && !b.heated) {
+                        continue;
+                    }
+                    let end = ((k + 1) * BLOCK_PAGES).min(self.pages.len());
+                    for j in k * BLOCK_PAGES..end {
+                        let m = self.pages[j];
+                        if m.state() == PageState::Empty
+                            || self.band(m) != band
+                            || (m.heat() > 0) != hot
+                        {
+                            continue;
+                        }
+                        let pfn = self.start_pfn + j as u64;
+                        if skip(pfn) {
+                            continue;
+                        }
+                        let cost = self.cost(m);
+                        if cost == 0 {
+                            continue;
+                        }
+                        plan.push(pfn);
+                        need = need.saturating_sub(cost);
+                        if need == 0 || plan.len() >= limit {
+                            break;
+                        }
+                    }
+                }
+            }
         }
         plan
     }
@@ -657,9 +837,29 @@ impl NodeAccount {
     }
 
     /// Forget every page (before a RESYNC rebuilds the books); credit is
-    /// kept.
+    /// kept.  Pages writable in place are remembered: RESYNC reports them
+    /// as placed without saying that the kernel still maps them writable,
+    /// so when a RESYNC reports one of those pfns again it is charged at
+    /// the worst case, not measured.  A pfn freed and reused meanwhile is
+    /// over-charged until it leaves: the safe side, and bounded by the
+    /// writable budget.
     pub fn clear(&mut self) {
+        let start = self.start_pfn;
+        let writable = self
+            .pages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.state() == PageState::Writable)
+            .map(|(i, _)| start + i as u64);
+        let mut keep: Vec<u64> = self.was_writable.drain(..).chain(writable).collect();
+        keep.sort_unstable();
+        keep.dedup();
+        self.was_writable = keep;
         self.pages.fill(PageMeta::default());
+        self.blocks.fill(Block::default());
+        self.band_pages = [0; BANDS];
+        self.unmeasured = 0;
+        self.measure_cursor = 0;
         self.used = 0;
         self.resident = 0;
         self.set_hash = 0;

@@ -1,23 +1,21 @@
 //! `mm-server`: the mm-upcall memory manager daemon.
 //!
 //! `mm-server -c /etc/mm-server.toml` attaches the configured compressed
-//! nodes and serves their upcalls until SIGINT/SIGTERM;
+//! nodes and serves their upcalls until SIGINT/SIGTERM (SIGHUP is ignored);
 //! `--check-config` validates the configuration against this system;
 //! `mm-server metrics` prints the running server's metrics (Prometheus
 //! text) from its admin socket.  Logs go to stderr, filtered by
 //! `MM_SERVER_LOG` (or `RUST_LOG`), `info` by default.
 
-use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mm_server::admin::{self, AdminClient};
 use mm_server::config::Config;
-use mm_server::daemon::Daemon;
+use mm_server::driver::{Driver, Published};
 use mm_server::metrics::Snapshot;
 use mm_server::sys;
 
@@ -69,10 +67,7 @@ impl Drop for RemoveOnDrop {
 }
 
 fn serve(cfg: &Config) -> Result<()> {
-    let stop = sys::eventfd().context("eventfd")?;
-    let handler_fd = stop.try_clone().context("eventfd")?;
-    ctrlc::set_handler(move || sys::eventfd_signal(handler_fd.as_fd()))
-        .context("cannot install the SIGINT/SIGTERM handler")?;
+    let stop = sys::stop_signals().context("cannot install the SIGINT/SIGTERM handlers")?;
     let listener = admin::bind(&cfg.server.admin_socket).with_context(|| {
         format!(
             "cannot create the admin socket {}",
@@ -81,17 +76,14 @@ fn serve(cfg: &Config) -> Result<()> {
     })?;
     // The socket goes away with the server, however it stops.
     let _socket = RemoveOnDrop(cfg.server.admin_socket.clone());
-    let snapshot = Arc::new(Mutex::new(Snapshot::default()));
-    let mut daemon = Daemon::start(cfg, stop, Arc::clone(&snapshot))?;
+    let snapshot: Published = Arc::new(Mutex::new(Arc::new(Snapshot::default())));
+    let mut driver = Driver::start(cfg, stop, Arc::clone(&snapshot))?;
     sys::mlockall().context(
         "mlockall: the memory manager must not be paged out; run as root (CAP_IPC_LOCK) \
          or raise RLIMIT_MEMLOCK",
     )?;
     admin::spawn(listener, snapshot).context("cannot start the admin socket thread")?;
-    daemon.run(
-        Duration::from_millis(u64::from(cfg.server.drain_timeout_ms)),
-        cfg.server.detach_on_stop,
-    )?;
+    driver.run()?;
     tracing::info!("stopped");
     Ok(())
 }

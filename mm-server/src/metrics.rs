@@ -47,6 +47,8 @@ pub struct NodeCounters {
     pub measured: u64,
     pub evictions: u64,
     pub evictions_failed: u64,
+    /// Times use crossed the high watermark and eviction began.
+    pub high_episodes: u64,
     /// Credit requests answered DENY.
     pub denials: u64,
     /// Events the books disagreed with (each leads to a RESYNC).
@@ -247,7 +249,7 @@ impl Snapshot {
             let _ = writeln!(o, "mm_server_{name} {v}");
         }
         type Field = fn(&NodeGauges, &NodeCounters) -> f64;
-        let per_node: [(&str, &str, &str, Field); 24] = [
+        let per_node: [(&str, &str, &str, Field); 25] = [
             (
                 "measure_backlog_pages",
                 "gauge",
@@ -325,6 +327,12 @@ impl Snapshot {
                 "counter",
                 "PROMOTE_PFN evictions the kernel refused.",
                 |_, c| c.evictions_failed as f64,
+            ),
+            (
+                "high_watermark_episodes_total",
+                "counter",
+                "Times use crossed the high watermark and eviction down to low began.",
+                |_, c| c.high_episodes as f64,
             ),
             (
                 "credit_denials_total",

@@ -101,6 +101,9 @@ pub struct Policy {
     rate: RateLimit,
     /// Nodes known to be short of free memory (see [`Policy::set_low_on_memory`]).
     low_on_memory: Vec<u16>,
+    /// Managed nodes whose books are kept elsewhere (see
+    /// [`Policy::decide_with`]).
+    managed: Vec<u16>,
     pub decisions: Decisions,
 }
 
@@ -111,6 +114,7 @@ impl Policy {
             cfg,
             nodes: Vec::new(),
             low_on_memory: Vec::new(),
+            managed: Vec::new(),
             decisions: Decisions::default(),
         }
     }
@@ -134,8 +138,18 @@ impl Policy {
             .and_then(Option::as_mut)
     }
 
+    /// Node `nid` is managed, its books kept by the caller of
+    /// [`Policy::decide_with`].
+    pub fn set_managed(&mut self, nid: u16) {
+        self.managed.push(nid);
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
     fn is_managed(&self, nid: u16) -> bool {
-        self.node(nid).is_some()
+        self.node(nid).is_some() || self.managed.contains(&nid)
     }
 
     /// Which fast nodes are short of free memory now (the daemon reads
@@ -160,8 +174,30 @@ impl Policy {
             .unwrap_or(0)
     }
 
-    /// The verdict for one upcall at time `now_ns`.
+    /// The verdict for one upcall at time `now_ns`, with the books this
+    /// policy holds.
     pub fn decide(&mut self, upcall: &Upcall, now_ns: u64) -> Verdict {
+        let nid = match *upcall {
+            Upcall::WriteFault(ref f) | Upcall::HintFault { fault: ref f, .. } => f.nid,
+            Upcall::DemoteCredit { nid, .. } => nid,
+            Upcall::Ping { cookie } => return Verdict::Pong { cookie },
+        };
+        let mut node = self.nodes.get_mut(usize::from(nid)).and_then(Option::take);
+        let v = self.decide_with(upcall, node.as_mut(), now_ns);
+        if let Some(n) = node {
+            self.nodes[usize::from(nid)] = Some(n);
+        }
+        v
+    }
+
+    /// The verdict for one upcall at time `now_ns`; `node` holds the
+    /// books of the node the upcall is about (`None`: not managed).
+    pub fn decide_with(
+        &mut self,
+        upcall: &Upcall,
+        node: Option<&mut NodeAccount>,
+        now_ns: u64,
+    ) -> Verdict {
         match *upcall {
             Upcall::Ping { cookie } => Verdict::Pong { cookie },
             Upcall::WriteFault(ref f) => {
@@ -170,8 +206,7 @@ impl Policy {
                 // A PMD-mapped THP would become writable as a whole; the
                 // budget is counted in base pages, so THPs always promote.
                 let allowed = !f.thp
-                    && self
-                        .node_mut(f.nid)
+                    && node
                         .and_then(|n| n.allow_in_place(f.pfn, budget).ok())
                         .unwrap_or(false);
                 if allowed {
@@ -185,7 +220,7 @@ impl Policy {
             Upcall::HintFault { ref fault, .. } => {
                 let threshold = self.cfg.hot_threshold;
                 let target = self.target(fault);
-                let Some(node) = self.node_mut(fault.nid) else {
+                let Some(node) = node else {
                     self.decisions.unknown_node += 1;
                     return Verdict::Default;
                 };
@@ -204,9 +239,9 @@ impl Policy {
                     Verdict::Stay
                 }
             }
-            Upcall::DemoteCredit { nid, wanted_pages } => {
+            Upcall::DemoteCredit { wanted_pages, .. } => {
                 let chunk = self.cfg.credit_chunk_pages;
-                let Some(node) = self.node_mut(nid) else {
+                let Some(node) = node else {
                     self.decisions.unknown_node += 1;
                     return Verdict::Deny;
                 };

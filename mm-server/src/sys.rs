@@ -1,44 +1,51 @@
-//! The few system calls the daemon makes that std does not wrap: an
-//! eventfd for signals, `mlockall`, peer credentials of the admin socket
-//! and the systemd readiness notification.
-#![allow(unsafe_code)]
+//! The few system calls the server makes that std does not wrap, through
+//! rustix and signal-hook (no unsafe code here): stop signals delivered
+//! through a socket pair the event loop watches, `mlockall`, peer
+//! credentials of the admin socket and the systemd readiness
+//! notification.
 
-use std::io;
-use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+use std::io::{self, Read as _};
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixStream};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
-/// A non-blocking eventfd: the signal handler writes it, the event loop
-/// watches it through io_uring.
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+/// Route SIGINT and SIGTERM to a socket: each signal writes one byte to
+/// the write end (async-signal-safe); the returned read end is what the
+/// event loop watches and [`drain_signals`] reads.  SIGHUP is ignored
+/// (the server has no configuration to reload at run time, and a closed
+/// terminal must not stop a memory manager).
+///
+/// signal-hook rather than `ctrlc`: `ctrlc`'s `termination` feature also
+/// stops on SIGHUP, and it runs a closure on a thread of its own where a
+/// pipe write is all that is needed.
 ///
 /// # Errors
 ///
-/// `eventfd(2)`'s.
-pub fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd takes no pointers; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+/// Creating the socket pair or installing a handler.
+pub fn stop_signals() -> io::Result<UnixStream> {
+    let (read, write) = UnixStream::pair()?;
+    read.set_nonblocking(true)?;
+    write.set_nonblocking(true)?;
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::low_level::pipe::register(sig, write.try_clone()?)?;
     }
-    // SAFETY: fd is a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // A handler that only sets a flag nobody reads: SIGHUP's default
+    // action (terminate) no longer applies.
+    signal_hook::flag::register(SIGHUP, Arc::new(AtomicBool::new(false)))?;
+    Ok(read)
 }
 
-/// Add one to an eventfd (async-signal-safe: a single `write`).
-pub fn eventfd_signal(fd: BorrowedFd<'_>) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64.  A full counter (EAGAIN) is
-    // fine: the fd is readable anyway.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
-}
-
-/// Reset an eventfd's counter to zero (so a new watch waits for a new
-/// signal); returns the count it had.
-pub fn eventfd_clear(fd: BorrowedFd<'_>) -> u64 {
-    let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64; EAGAIN (already zero) leaves
-    // it 0.
-    let _ = unsafe { libc::read(fd.as_raw_fd(), (&raw mut v).cast(), 8) };
-    v
+/// Read every pending byte of the signal socket; returns how many signals
+/// arrived.
+pub fn drain_signals(mut s: &UnixStream) -> u64 {
+    let mut buf = [0u8; 64];
+    let mut n = 0u64;
+    while let Ok(k @ 1..) = s.read(&mut buf) {
+        n += k as u64;
+    }
+    n
 }
 
 /// Lock every current and future page of the process in memory, so the
@@ -49,10 +56,8 @@ pub fn eventfd_clear(fd: BorrowedFd<'_>) -> u64 {
 /// `mlockall(2)`'s (`EPERM` without `CAP_IPC_LOCK`, `ENOMEM` over
 /// `RLIMIT_MEMLOCK`).
 pub fn mlockall() -> io::Result<()> {
-    // SAFETY: no pointers.
-    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use rustix::mm::MlockAllFlags;
+    rustix::mm::mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE)?;
     Ok(())
 }
 
@@ -62,26 +67,8 @@ pub fn mlockall() -> io::Result<()> {
 ///
 /// `getsockopt(SO_PEERCRED)`'s.
 pub fn peer_uid(s: &UnixStream) -> io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are live and sized for SO_PEERCRED.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.uid)
+    let cred = rustix::net::sockopt::socket_peercred(s)?;
+    Ok(cred.uid.as_raw())
 }
 
 /// Tell systemd we are ready (`READY=1` to `$NOTIFY_SOCKET`), if it asked.

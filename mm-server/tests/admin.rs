@@ -50,7 +50,7 @@ fn server(name: &str) -> PathBuf {
 fn server_for(name: &str, uid: u32) -> PathBuf {
     let path = std::env::temp_dir().join(format!("mm-admin-{name}-{}.sock", std::process::id()));
     let l = admin::bind(&path).unwrap();
-    admin::spawn_for(l, Arc::new(Mutex::new(snapshot())), uid).unwrap();
+    admin::spawn_for(l, Arc::new(Mutex::new(Arc::new(snapshot()))), uid).unwrap();
     path
 }
 

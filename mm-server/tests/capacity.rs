@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use mm_server::capacity::{
-    AccountError, Geometry, Level, NodeAccount, PAGE_SIZE, measure, pfn_hash,
+    AccountError, Geometry, Level, NodeAccount, PAGE_SIZE, PageState, measure, pfn_hash,
 };
 use proptest::prelude::*;
 
@@ -175,6 +175,12 @@ proptest! {
             prop_assert_eq!(used, acct.used());
             prop_assert_eq!(resident, acct.resident_pages());
             prop_assert_eq!(zero, acct.zero_pages());
+            // The block summaries agree with the pages.
+            prop_assert_eq!(acct.resident_sample(usize::MAX, |_| false).len() as u64, resident);
+            let unmeasured = (0..PAGES as u64)
+                .filter(|i| acct.state(START + i) == Some(PageState::Unmeasured))
+                .count() as u64;
+            prop_assert_eq!(acct.unmeasured(), unmeasured);
             // The set hash is the model's set, not just its size.
             let set = model.pages.keys().fold(0u64, |h, &p| h.wrapping_add(pfn_hash(p)));
             prop_assert_eq!(acct.set_hash(), set & ((1 << 52) - 1));

@@ -1,7 +1,6 @@
-//! Policy decisions through the fake kernel.
+//! Policy decisions.
 
 use mm_server::capacity::{Geometry, NodeAccount, PAGE_SIZE};
-use mm_server::fake::{FakeKernel, serve_all};
 use mm_server::policy::{Policy, PolicyConfig, RateLimit};
 use mm_upcall_proto::upcall::{Fault, Upcall};
 use mm_upcall_proto::verdict::Verdict;
@@ -227,35 +226,5 @@ fn credit_is_granted_until_the_high_watermark_then_denied() {
         ),
         Verdict::Deny,
         "unknown node"
-    );
-}
-
-#[test]
-fn fake_kernel_round_trip_answers_every_upcall_with_its_seq() {
-    let mut k = FakeKernel::new(16);
-    let mut p = policy(PolicyConfig::default(), 8);
-    let mut seqs = Vec::new();
-    for i in 0..40u64 {
-        let up = match i % 3 {
-            0 => Upcall::WriteFault(fault(START + i % 8)),
-            1 => Upcall::Ping { cookie: i as u32 },
-            _ => Upcall::DemoteCredit {
-                nid: NID,
-                wanted_pages: 1,
-            },
-        };
-        seqs.push(k.post(up));
-    }
-    let mut served = 0;
-    while !k.is_idle() {
-        served += serve_all(&mut k, &mut p, 0).unwrap();
-    }
-    assert_eq!(served, 40);
-    let got: Vec<u32> = k.verdicts.iter().map(|(s, _)| *s).collect();
-    assert_eq!(got, seqs);
-    assert!(
-        k.verdicts
-            .iter()
-            .any(|(_, v)| matches!(v, Verdict::Pong { .. }))
     );
 }

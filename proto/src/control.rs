@@ -19,7 +19,7 @@ pub enum Control {
         /// Longest time any task waits on the server; 0 = kernel default.
         timeout_ms: u32,
         /// `MM_UPCALL_F_*` wanted; the kernel masks unknown bits off.
-        features: u64,
+        features: raw::Features,
         reply_addr: u64,
     },
     /// Make memory-only node `nid` a managed node with initial credit.
@@ -116,7 +116,7 @@ impl Control {
                 nr_queues,
                 queue_depth,
                 timeout_ms,
-                features,
+                features: features.bits(),
                 reply_addr,
                 ..raw::Hello::default()
             }),
@@ -209,7 +209,7 @@ impl Control {
                     nr_queues: h.nr_queues,
                     queue_depth: h.queue_depth,
                     timeout_ms: h.timeout_ms,
-                    features: h.features,
+                    features: raw::Features::from_bits_retain(h.features),
                     reply_addr: h.reply_addr,
                 })
             }
@@ -294,7 +294,7 @@ pub struct HelloReply {
     pub desc_size: u16,
     pub timeout_ms: u32,
     /// Features granted: a subset of those asked for.
-    pub features: u64,
+    pub features: raw::Features,
 }
 
 impl HelloReply {
@@ -327,7 +327,7 @@ impl HelloReply {
             queue_depth: r.queue_depth,
             desc_size: r.desc_size,
             timeout_ms: r.timeout_ms,
-            features: r.features,
+            features: raw::Features::from_bits_retain(r.features),
         })
     }
 }

@@ -9,16 +9,24 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// `MM_UPCALL_API_VERSION`.
 pub const API_VERSION: u16 = 1;
 
-/// `MM_UPCALL_F_*`: features negotiated by HELLO.
-pub mod features {
-    pub const WRITE_FAULT: u64 = 1 << 0;
-    pub const HINT_FAULT: u64 = 1 << 1;
-    pub const DEMOTE_CREDIT: u64 = 1 << 2;
-    pub const EVENTS: u64 = 1 << 3;
-    pub const NODE_MMAP: u64 = 1 << 4;
-    pub const PING: u64 = 1 << 5;
+bitflags::bitflags! {
+    /// `MM_UPCALL_F_*`: features negotiated by HELLO.  Bits this crate
+    /// does not know are kept (`from_bits_retain`): the wire carries
+    /// them, and the kernel masks off what it does not know.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Features: u64 {
+        const WRITE_FAULT = 1 << 0;
+        const HINT_FAULT = 1 << 1;
+        const DEMOTE_CREDIT = 1 << 2;
+        const EVENTS = 1 << 3;
+        const NODE_MMAP = 1 << 4;
+        const PING = 1 << 5;
+    }
+}
+
+impl Features {
     /// `MM_UPCALL_F_ALL`.
-    pub const ALL: u64 = WRITE_FAULT | HINT_FAULT | DEMOTE_CREDIT | EVENTS | NODE_MMAP | PING;
+    pub const ALL: Self = Self::all();
 }
 
 pub const MAX_QUEUES: u16 = 64;
@@ -63,6 +71,23 @@ pub mod ctrl_op {
     pub const PROMOTE_PFN: u32 = iow::<PromotePfn>(0x14);
     pub const RESYNC: u32 = iow::<Resync>(0x15);
     pub const PING: u32 = iowr::<Ping>(0x16);
+
+    /// Every control opcode with its name: the one list (the transport's
+    /// names, the fuzz target's selector, the tests all use it).
+    pub const ALL: [(u32, &str); 7] = [
+        (HELLO, "HELLO"),
+        (ATTACH_NODE, "ATTACH_NODE"),
+        (DETACH_NODE, "DETACH_NODE"),
+        (SET_CREDIT, "SET_CREDIT"),
+        (PROMOTE_PFN, "PROMOTE_PFN"),
+        (RESYNC, "RESYNC"),
+        (PING, "PING"),
+    ];
+
+    /// The name of control opcode `op` (`None`: not a control opcode).
+    pub fn name(op: u32) -> Option<&'static str> {
+        ALL.iter().find(|(o, _)| *o == op).map(|(_, n)| *n)
+    }
 }
 
 /// `MM_UPCALL_CTRL_CMD_SIZE`: the command area of a 128-byte SQE.
@@ -76,11 +101,20 @@ pub mod op {
     pub const PING: u16 = 4;
 }
 
-/// `MM_UPCALL_DESC_F_*`.
-pub mod desc_flags {
-    pub const THP: u16 = 1 << 0;
-    pub const NO_WAIT: u16 = 1 << 1;
-    pub const ALL: u16 = THP | NO_WAIT;
+bitflags::bitflags! {
+    /// `MM_UPCALL_DESC_F_*`: flags of an upcall descriptor.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct DescFlags: u16 {
+        /// The folio is PMD-mapped.
+        const THP = 1 << 0;
+        /// Nobody waits for the verdict (hints, credit requests).
+        const NO_WAIT = 1 << 1;
+    }
+}
+
+impl DescFlags {
+    /// `MM_UPCALL_DESC_F_ALL`.
+    pub const ALL: Self = Self::all();
 }
 
 /// `MM_UPCALL_V_*`: verdicts.

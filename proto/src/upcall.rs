@@ -1,6 +1,6 @@
 //! Upcalls: requests from the kernel, read from a slot's descriptor.
 
-use crate::raw::{Desc, desc_flags, op};
+use crate::raw::{Desc, DescFlags, op};
 use crate::{DecodeError, read_prefix, reserved_zero};
 
 /// Where a fault happened: the folio on the managed node and the task.
@@ -78,12 +78,13 @@ impl Request {
     /// As [`Request::decode`], except `Short`.
     pub fn from_raw(d: &Desc) -> Result<Self, DecodeError> {
         reserved_zero("reserved", d.reserved)?;
-        reserved_zero("flags", u64::from(d.flags & !desc_flags::ALL))?;
+        let flags = DescFlags::from_bits_retain(d.flags);
+        reserved_zero("flags", u64::from(flags.difference(DescFlags::ALL).bits()))?;
         let fault = || Fault {
             nid: d.nid,
             cpu_nid: d.cpu_nid,
             order: d.order,
-            thp: d.flags & desc_flags::THP != 0,
+            thp: flags.contains(DescFlags::THP),
             tgid: d.tgid,
             tid: d.tid,
             pfn: d.pfn,
@@ -92,7 +93,7 @@ impl Request {
         let upcall = match d.op {
             op::WRITE_FAULT => {
                 reserved_zero("arg", d.arg)?;
-                reserved_zero("flags", u64::from(d.flags & desc_flags::NO_WAIT))?;
+                reserved_zero("flags", u64::from((flags & DescFlags::NO_WAIT).bits()))?;
                 Upcall::WriteFault(fault())
             }
             op::HINT_FAULT => {
@@ -105,7 +106,7 @@ impl Request {
             }
             op::DEMOTE_CREDIT => {
                 unused_zero(d, &["cpu_nid", "order", "tgid", "tid", "pfn", "vaddr"])?;
-                reserved_zero("flags", u64::from(d.flags & desc_flags::THP))?;
+                reserved_zero("flags", u64::from((flags & DescFlags::THP).bits()))?;
                 no_wait_set(d)?;
                 Upcall::DemoteCredit {
                     nid: d.nid,
@@ -145,7 +146,7 @@ impl Request {
             d.nid = f.nid;
             d.cpu_nid = f.cpu_nid;
             d.order = f.order;
-            d.flags = if f.thp { desc_flags::THP } else { 0 };
+            d.flags = if f.thp { DescFlags::THP.bits() } else { 0 };
             d.tgid = f.tgid;
             d.tid = f.tid;
             d.pfn = f.pfn;
@@ -158,12 +159,12 @@ impl Request {
                 since_scan_ms,
             } => {
                 put_fault(&mut d, fault);
-                d.flags |= desc_flags::NO_WAIT;
+                d.flags |= DescFlags::NO_WAIT.bits();
                 d.arg = *since_scan_ms;
             }
             Upcall::DemoteCredit { nid, wanted_pages } => {
                 d.nid = *nid;
-                d.flags = desc_flags::NO_WAIT;
+                d.flags = DescFlags::NO_WAIT.bits();
                 d.arg = *wanted_pages;
             }
             Upcall::Ping { cookie } => d.arg = u64::from(*cookie),
@@ -174,7 +175,7 @@ impl Request {
 
 /// Requests nobody waits for (hints, credit) always carry `NO_WAIT`.
 fn no_wait_set(d: &Desc) -> Result<(), DecodeError> {
-    if d.flags & desc_flags::NO_WAIT == 0 {
+    if !DescFlags::from_bits_retain(d.flags).contains(DescFlags::NO_WAIT) {
         return Err(DecodeError::Invalid {
             field: "flags",
             value: u64::from(d.flags),

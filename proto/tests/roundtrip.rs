@@ -114,7 +114,7 @@ fn control() -> impl Strategy<Value = Control> {
                     nr_queues,
                     queue_depth,
                     timeout_ms,
-                    features,
+                    features: raw::Features::from_bits_retain(features),
                     reply_addr
                 }
             ),
@@ -272,7 +272,7 @@ proptest! {
         let _ = IoCommand::decode(io_op::COMMIT_AND_FETCH, &bytes);
         let _ = event::decode_batch(&bytes).count();
         let _ = Control::decode(cmd_op, &bytes);
-        for op in [ctrl_op::HELLO, ctrl_op::ATTACH_NODE, ctrl_op::PING, ctrl_op::RESYNC] {
+        for (op, _) in ctrl_op::ALL {
             let _ = Control::decode(op, &bytes);
         }
         let _ = HelloReply::decode(&bytes);
@@ -420,7 +420,7 @@ fn hint_and_credit_requests_without_no_wait_are_rejected() {
         },
     ] {
         let mut raw = Request { seq: 1, upcall }.to_raw();
-        raw.flags &= !raw::desc_flags::NO_WAIT;
+        raw.flags &= !raw::DescFlags::NO_WAIT.bits();
         assert!(
             matches!(
                 Request::decode(raw.as_bytes()),
@@ -447,7 +447,7 @@ fn write_fault_with_no_wait_flag_is_rejected() {
         }),
     }
     .to_raw();
-    raw.flags = raw::desc_flags::NO_WAIT;
+    raw.flags = raw::DescFlags::NO_WAIT.bits();
     assert!(matches!(
         Request::decode(raw.as_bytes()),
         Err(DecodeError::ReservedNonZero { .. })
@@ -526,7 +526,7 @@ fn hello_of_another_version_is_bad_version() {
         nr_queues: 1,
         queue_depth: 8,
         timeout_ms: 0,
-        features: raw::features::ALL,
+        features: raw::Features::ALL,
         reply_addr: 0,
     }
     .encode();
@@ -577,7 +577,7 @@ fn unknown_control_opcode_is_a_typed_error() {
 fn opcodes_never_use_zero_and_are_distinct() {
     let all: Vec<u32> = [io_op::FETCH, io_op::COMMIT_AND_FETCH]
         .into_iter()
-        .chain(CONTROL_OPS)
+        .chain(ctrl_op::ALL.map(|(op, _)| op))
         .collect();
     for (i, a) in all.iter().enumerate() {
         assert_ne!(*a & 0xff, 0, "opcode number 0 used");
@@ -734,18 +734,6 @@ fn draw<T: std::fmt::Debug>(s: impl Strategy<Value = T>, n: usize) -> Vec<T> {
         .collect()
 }
 
-/// The control opcodes in the order the `control_cmd` fuzz target's
-/// selector byte picks them.
-const CONTROL_OPS: [u32; 7] = [
-    ctrl_op::HELLO,
-    ctrl_op::ATTACH_NODE,
-    ctrl_op::DETACH_NODE,
-    ctrl_op::SET_CREDIT,
-    ctrl_op::PROMOTE_PFN,
-    ctrl_op::RESYNC,
-    ctrl_op::PING,
-];
-
 fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let upcalls = draw((any::<u32>(), upcall()), 16)
         .into_iter()
@@ -768,9 +756,9 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let controls = draw(control(), 24)
         .into_iter()
         .map(|c| {
-            let sel = CONTROL_OPS
+            let sel = ctrl_op::ALL
                 .iter()
-                .position(|&op| op == c.cmd_op())
+                .position(|&(op, _)| op == c.cmd_op())
                 .expect("op") as u8;
             let mut b = vec![sel];
             b.extend_from_slice(&c.encode());
@@ -809,7 +797,7 @@ fn seed_decodes(target: &str, b: &[u8]) -> bool {
         "io_cmd" => {
             IoCommand::decode(u32::from_ne_bytes(b[..4].try_into().unwrap()), &b[4..]).is_ok()
         }
-        "control_cmd" => Control::decode(CONTROL_OPS[usize::from(b[0])], &b[1..]).is_ok(),
+        "control_cmd" => Control::decode(ctrl_op::ALL[usize::from(b[0])].0, &b[1..]).is_ok(),
         "event_batch" => event::decode_batch(b).all(|e| e.is_ok()),
         "socket_frame" => Frame::decode(b).is_ok(),
         _ => false,
@@ -859,7 +847,7 @@ fn reply_buffers_fit_the_kernels_records() {
         nr_queues: 1,
         queue_depth: 8,
         timeout_ms: 0,
-        features: 0,
+        features: raw::Features::empty(),
         reply_addr: 0,
     };
     let attach = Control::AttachNode {

@@ -41,13 +41,7 @@ fn rust_side() -> BTreeMap<String, u64> {
     }
     let consts: &[(&str, u64)] = &[
         ("MM_UPCALL_API_VERSION", API_VERSION.into()),
-        ("MM_UPCALL_F_WRITE_FAULT", features::WRITE_FAULT),
-        ("MM_UPCALL_F_HINT_FAULT", features::HINT_FAULT),
-        ("MM_UPCALL_F_DEMOTE_CREDIT", features::DEMOTE_CREDIT),
-        ("MM_UPCALL_F_EVENTS", features::EVENTS),
-        ("MM_UPCALL_F_NODE_MMAP", features::NODE_MMAP),
-        ("MM_UPCALL_F_PING", features::PING),
-        ("MM_UPCALL_F_ALL", features::ALL),
+        ("MM_UPCALL_F_ALL", Features::ALL.bits()),
         ("MM_UPCALL_MAX_QUEUES", MAX_QUEUES.into()),
         ("MM_UPCALL_MAX_QUEUE_DEPTH", MAX_QUEUE_DEPTH.into()),
         ("MM_UPCALL_MIN_TIMEOUT_MS", MIN_TIMEOUT_MS.into()),
@@ -59,21 +53,12 @@ fn rust_side() -> BTreeMap<String, u64> {
             "MM_UPCALL_IO_COMMIT_AND_FETCH",
             io_op::COMMIT_AND_FETCH.into(),
         ),
-        ("MM_UPCALL_CMD_HELLO", ctrl_op::HELLO.into()),
-        ("MM_UPCALL_CMD_ATTACH_NODE", ctrl_op::ATTACH_NODE.into()),
-        ("MM_UPCALL_CMD_DETACH_NODE", ctrl_op::DETACH_NODE.into()),
-        ("MM_UPCALL_CMD_SET_CREDIT", ctrl_op::SET_CREDIT.into()),
-        ("MM_UPCALL_CMD_PROMOTE_PFN", ctrl_op::PROMOTE_PFN.into()),
-        ("MM_UPCALL_CMD_RESYNC", ctrl_op::RESYNC.into()),
-        ("MM_UPCALL_CMD_PING", ctrl_op::PING.into()),
         ("MM_UPCALL_CTRL_CMD_SIZE", CTRL_CMD_SIZE as u64),
         ("MM_UPCALL_OP_WRITE_FAULT", op::WRITE_FAULT.into()),
         ("MM_UPCALL_OP_HINT_FAULT", op::HINT_FAULT.into()),
         ("MM_UPCALL_OP_DEMOTE_CREDIT", op::DEMOTE_CREDIT.into()),
         ("MM_UPCALL_OP_PING", op::PING.into()),
-        ("MM_UPCALL_DESC_F_THP", desc_flags::THP.into()),
-        ("MM_UPCALL_DESC_F_NO_WAIT", desc_flags::NO_WAIT.into()),
-        ("MM_UPCALL_DESC_F_ALL", desc_flags::ALL.into()),
+        ("MM_UPCALL_DESC_F_ALL", DescFlags::ALL.bits().into()),
         ("MM_UPCALL_V_PROMOTE", raw::verdict::PROMOTE.into()),
         (
             "MM_UPCALL_V_ALLOW_IN_PLACE",
@@ -105,6 +90,16 @@ fn rust_side() -> BTreeMap<String, u64> {
     ];
     for (k, v) in consts {
         m.insert((*k).to_string(), *v);
+    }
+    // Every feature bit, by the name bitflags gives it.
+    for (name, f) in Features::all().iter_names() {
+        m.insert(format!("MM_UPCALL_F_{name}"), f.bits());
+    }
+    for (name, f) in DescFlags::all().iter_names() {
+        m.insert(format!("MM_UPCALL_DESC_F_{name}"), f.bits().into());
+    }
+    for (op, name) in ctrl_op::ALL {
+        m.insert(format!("MM_UPCALL_CMD_{name}"), op.into());
     }
     m
 }

@@ -10,6 +10,8 @@
 //! cargo xtask series             link vmlinux for every prefix of the series (each patch builds on its own)
 //! cargo xtask series --objects   compile the series' objects for every prefix (what `xtask test` runs)
 //! cargo xtask fuzz [seconds]     run every fuzz target for a while (smoke)
+//! cargo xtask sim --seeds N [--from S] [--steps K] | --seed S [--trace]
+//!                                the deterministic simulation of mm-server's core (optimized build)
 //! cargo xtask selftests [--mode control|managed|both] [--repeat N] [--list] [test...]
 //!                                the kernel's mm selftests in the guest, with a demoter
 //! ```
@@ -36,6 +38,7 @@ const SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
 
 const USAGE: &str = "usage: cargo xtask <test|demo [--debug]|vm [--debug] <scenario>...|kernel [--debug]|\
                      checkpatch|series [--objects]|fuzz [seconds]|bench <name>|\
+                     sim --seeds N [--from S] [--steps K]|sim --seed S [--trace]|\
                      selftests [--mode control|managed|both] [--repeat N] [--list] [test...]>";
 
 /// `--debug` selects the debug kernel.
@@ -61,6 +64,7 @@ fn main() {
         Some("selftests") => selftests::cmd(&args[1..]),
         Some("fuzz") => cmd_fuzz(args.get(1).map(String::as_str)),
         Some("bench") => cmd_bench(&args[1..]),
+        Some("sim") => cmd_sim(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -347,10 +351,16 @@ fn checkpatch() -> Result<(usize, usize)> {
 
 /// Run a cargo step and count it as one check.
 fn step(name: &str, args: &[&str]) -> bool {
+    step_env(name, args, &[])
+}
+
+/// [`step`] with environment variables set.
+fn step_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> bool {
     println!("==> {name}");
     let ok = Command::new(env!("CARGO"))
         .current_dir(workspace_root())
         .args(args)
+        .envs(env.iter().copied())
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
@@ -488,6 +498,11 @@ fn cmd_test() -> Result<()> {
             "warnings",
         ],
     ));
+    tally(step_env(
+        "rustdoc",
+        &["doc", "--workspace", "--no-deps", "--quiet"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    ));
     let (p, f) = nextest()?;
     pass += p;
     fail += f;
@@ -545,6 +560,21 @@ fn cmd_test() -> Result<()> {
     println!("{pass} passed, {fail} failed");
     if fail > 0 {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `cargo xtask sim ...`: the simulator, optimized (`mm-sim`'s own
+/// arguments).
+fn cmd_sim(args: &[String]) -> Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "--release", "-p", "mm-sim", "--"])
+        .args(args)
+        .status()
+        .context("cannot run mm-sim")?;
+    if !status.success() {
+        bail!("the simulation failed (the seed and the command that replays it are above)");
     }
     Ok(())
 }

@@ -53,7 +53,7 @@ fn good_hello() -> raw::Hello {
         api_version: raw::API_VERSION,
         nr_queues: 1,
         queue_depth: 8,
-        features: raw::features::ALL,
+        features: raw::Features::ALL.bits(),
         ..raw::Hello::default()
     }
 }
@@ -169,16 +169,16 @@ pub fn run() -> Result<()> {
         nr_queues: 1,
         queue_depth: 8,
         timeout_ms: 0,
-        features: u64::MAX,
+        features: raw::Features::from_bits_retain(u64::MAX),
         reply_addr: 0,
     })?;
     out.result?;
     let reply = mm_upcall_kernel::proto::control::HelloReply::decode(&out.reply)?;
-    ensure(reply.features == raw::features::ALL, || {
+    ensure(reply.features == raw::Features::ALL, || {
         format!(
             "granted features {:#x}, want MM_UPCALL_F_ALL {:#x}",
-            reply.features,
-            raw::features::ALL
+            reply.features.bits(),
+            raw::Features::ALL.bits()
         )
     })?;
     println!(

@@ -559,7 +559,7 @@ fn holder(sock: &UnixStream, unprivileged: bool) -> Result<Vec<String>> {
         api_version: raw::API_VERSION,
         nr_queues: 1,
         queue_depth: 8,
-        features: raw::features::ALL,
+        features: raw::Features::ALL.bits(),
         ..raw::Hello::default()
     };
     let mut hello_area = [0u8; CTRL_CMD_SIZE];
@@ -1092,7 +1092,7 @@ fn window_and_memory_offline() -> Result<()> {
     // No events: this part reads none, and its 48 Ki placements and their
     // migration off the offlined block would overflow the queue.
     let mut t = Transport::open(&Config {
-        features: raw::features::ALL & !raw::features::EVENTS,
+        features: raw::Features::ALL & !raw::Features::EVENTS,
         ..Config::default()
     })
     .context("open the device as the server")?;

@@ -425,15 +425,15 @@ fn self_write() -> Result<String> {
 /// `mm-guest --serve managed <credit pages>`: the test server.
 pub fn serve(args: &[String]) -> Result<()> {
     let credit: u64 = args.first().map(|s| s.parse()).transpose()?.unwrap_or(0);
-    let mut features = raw::features::WRITE_FAULT
-        | raw::features::HINT_FAULT
-        | raw::features::DEMOTE_CREDIT
-        | raw::features::EVENTS
-        | raw::features::NODE_MMAP;
+    let mut features = raw::Features::WRITE_FAULT
+        | raw::Features::HINT_FAULT
+        | raw::Features::DEMOTE_CREDIT
+        | raw::Features::EVENTS
+        | raw::Features::NODE_MMAP;
     let (mut timeout_ms, mut queue_depth) = (10_000, 64);
     for option in args.get(1).map_or("", String::as_str).split(',') {
         if option == "no-write-fault" {
-            features &= !raw::features::WRITE_FAULT;
+            features &= !raw::Features::WRITE_FAULT;
         } else if let Some(ms) = option.strip_prefix("timeout=") {
             timeout_ms = ms.parse().context("timeout=<ms>")?;
         } else if let Some(d) = option.strip_prefix("depth=") {

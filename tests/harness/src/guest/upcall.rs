@@ -17,13 +17,13 @@ use mm_upcall_kernel::proto::event::Event;
 use mm_upcall_kernel::proto::raw::{self, PingReply};
 use mm_upcall_kernel::proto::upcall::Upcall;
 use mm_upcall_kernel::proto::verdict::Verdict;
-use mm_upcall_kernel::{Completion, Config, Error, Transport, ping_reply};
+use mm_upcall_kernel::{Completion, Config, CtrlToken, Error, Transport, ping_reply};
 
 use crate::sys::ensure;
 
 /// Ask the kernel for a PING run; its result arrives as a control
 /// completion with the returned token.
-fn start_ping(t: &mut Transport, n: u32, threads: u16, events: bool) -> Result<usize> {
+fn start_ping(t: &mut Transport, n: u32, threads: u16, events: bool) -> Result<CtrlToken> {
     Ok(t.submit_control(Control::Ping {
         nr_upcalls: n,
         nr_threads: threads,
@@ -126,7 +126,7 @@ pub fn ping() -> Result<()> {
     let timeouts_before = stat("timeouts")?;
     let mut t = Transport::open(&Config {
         queue_depth: 64,
-        required: raw::features::PING | raw::features::EVENTS,
+        required: raw::Features::PING | raw::Features::EVENTS,
         ..Config::default()
     })?;
     let n = 100_000;

@@ -1,0 +1,969 @@
+//! The server's logic as a state machine with no I/O: no syscalls, no
+//! clock reads, no threads.  The [driver](crate::driver) feeds it what
+//! the kernel and the clock say and carries out what it asks; the
+//! simulator (`mm-sim`) does the same against a simulated kernel.
+//!
+//! Inputs: an upcall ([`Core::upcall`], answered at once), an event
+//! ([`Core::event`]) and the end of a batch of them
+//! ([`Core::events_applied`]), a control command's result
+//! ([`Core::completed`]), a page's measured size ([`Core::measured`]), the
+//! tick ([`Core::tick`]) and signals ([`Core::signal`]).  Every input that
+//! depends on time carries `now`, in nanoseconds from any fixed origin.
+//!
+//! Outputs: verdicts (returned), control commands ([`Core::poll_command`],
+//! each answered later by [`Core::completed`] with its [`CmdId`]), pages
+//! to measure ([`Core::pop_measure`]), a metrics [`Snapshot`], readiness
+//! ([`Core::take_ready`]), a fatal error ([`Core::take_fatal`]) and the
+//! [`Phase`].
+//!
+//! What the core keeps: the books of every managed node (rebuilt with
+//! `RESYNC` when events were lost), the demotion credit the kernel holds
+//! (granted in one place, `Core::grant`), the watermarks and their
+//! evictions, and the drain at shutdown.
+
+mod node;
+
+use std::collections::{HashMap, VecDeque};
+
+use mm_upcall_proto::control::Control;
+use mm_upcall_proto::event::{Event, PlaceReason};
+use mm_upcall_proto::upcall::{Fault, Upcall};
+use mm_upcall_proto::verdict::Verdict;
+
+pub use self::node::{Books, CreditCmd, Node, Watermark};
+use crate::capacity::{AccountError, Level, NodeAccount, PageState};
+use crate::metrics::{Metrics, NodeGauges, Snapshot};
+use crate::policy::{Policy, PolicyConfig};
+
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000 * MS;
+/// Period of the watermark / credit / metrics work.
+pub const TICK_NS: u64 = 50 * MS;
+/// `PROMOTE_PFN` commands in flight at once per node.
+pub const MAX_EVICTIONS_IN_FLIGHT: usize = 128;
+/// How long credit taken back by SET_CREDIT stays reserved after the
+/// command completed: demotions that allocated their target before it ran
+/// report PLACED within this time.  A new server also grants nothing for
+/// this long: demotions on the credit of the server before it may still
+/// report.
+pub const RETIRE_GRACE_NS: u64 = S;
+/// How long eviction waits for the measurement backlog.
+const EVICT_PATIENCE_NS: u64 = S;
+/// How long a pfn the kernel would not evict is left alone.
+const EVICT_BACKOFF_NS: u64 = 5 * S;
+/// The same while draining.
+const DRAIN_BACKOFF_NS: u64 = 200 * MS;
+/// Largest RESYNC range per command (the kernel's count is an `int`).
+const MAX_RESYNC_PAGES: u64 = i32::MAX as u64;
+/// RESYNC failures in a row after which the books cannot be rebuilt.
+const MAX_RESYNC_FAILURES: u32 = 3;
+
+const EAGAIN: i32 = 11;
+const EINTR: i32 = 4;
+const ENOENT: i32 = 2;
+
+/// Names a control command the core asked for; give it back to
+/// [`Core::completed`] with the command's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CmdId(pub u64);
+
+/// Why a control command was sent.
+#[derive(Debug, Clone, Copy)]
+enum Cmd {
+    Resync { node: usize },
+    SetCredit { node: usize, pages: u64 },
+    Evict { node: usize, pfn: u64 },
+    Detach { node: usize },
+}
+
+/// Where the server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Answering upcalls and keeping the books.
+    Serving,
+    /// A stop signal arrived: credit revoked, (with `detach`) every page
+    /// evicted and the node shown empty by a RESYNC, until `deadline`;
+    /// `hurry` after a second signal.
+    Draining { deadline: u64, hurry: bool },
+    /// DETACH_NODE sent to the nodes shown empty; waiting for them.
+    Finishing,
+    /// Nothing left to do: the driver exits.
+    Done,
+}
+
+/// How the core is set up.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub policy: PolicyConfig,
+    /// Heat of the pages halves this often.
+    pub hot_window_ns: u64,
+    /// Longest drain after a stop signal.
+    pub drain_timeout_ns: u64,
+    /// Evict everything and detach the nodes at stop (else leave them
+    /// managed, isolated and fenced, for the next server).
+    pub detach_on_stop: bool,
+}
+
+/// The server's state machine.
+#[derive(Debug)]
+pub struct Core {
+    policy: Policy,
+    nodes: Vec<Node>,
+    metrics: Metrics,
+    hot_window_ns: u64,
+    drain_timeout_ns: u64,
+    detach_on_stop: bool,
+    phase: Phase,
+    /// Commands asked for and not yet completed.
+    pending: HashMap<CmdId, Cmd>,
+    /// Commands asked for and not yet taken by the driver.
+    out: VecDeque<CmdId>,
+    controls: HashMap<CmdId, Control>,
+    next_id: u64,
+    /// Node promotions (evictions) go to.
+    fast_nid: u16,
+    /// Unmanaged nodes promotions may go to.
+    fast_nodes: Vec<u16>,
+    start: u64,
+    /// No credit before this: the server before us may have left
+    /// demotions in flight on credit we do not know.
+    foreign_credit_until: u64,
+    last_tick: u64,
+    last_cool: u64,
+    ready: Readiness,
+    fatal: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    Starting,
+    Ready,
+    Reported,
+}
+
+impl Core {
+    /// A core for the managed nodes `nodes` (node id and its books), at
+    /// time `now`.  Every node starts with a RESYNC.
+    ///
+    /// # Errors
+    ///
+    /// `policy.fast_nodes` names no unmanaged node.
+    pub fn new(cfg: CoreConfig, nodes: Vec<(u16, NodeAccount)>, now: u64) -> Result<Self, String> {
+        let mut policy = Policy::new(cfg.policy.clone(), now);
+        let managed: Vec<u16> = nodes.iter().map(|(nid, _)| *nid).collect();
+        for &nid in &managed {
+            policy.set_managed(nid);
+        }
+        let nodes: Vec<Node> = nodes
+            .into_iter()
+            .map(|(nid, account)| Node::new(nid, account))
+            .collect();
+        let fast_nodes: Vec<u16> = cfg
+            .policy
+            .fast_nodes
+            .iter()
+            .copied()
+            .filter(|f| !managed.contains(f))
+            .collect();
+        let fast_nid = *fast_nodes
+            .first()
+            .ok_or("policy.fast_nodes names no unmanaged node")?;
+        let mut core = Self {
+            policy,
+            metrics: Metrics {
+                resyncs: nodes.len() as u64,
+                ..Metrics::default()
+            },
+            nodes,
+            hot_window_ns: cfg.hot_window_ns,
+            drain_timeout_ns: cfg.drain_timeout_ns,
+            detach_on_stop: cfg.detach_on_stop,
+            phase: Phase::Serving,
+            pending: HashMap::new(),
+            out: VecDeque::new(),
+            controls: HashMap::new(),
+            next_id: 0,
+            fast_nid,
+            fast_nodes,
+            start: now,
+            foreign_credit_until: now + RETIRE_GRACE_NS,
+            last_tick: now,
+            last_cool: now,
+            ready: Readiness::Starting,
+            fatal: None,
+        };
+        for i in 0..core.nodes.len() {
+            core.resync_step(i);
+        }
+        Ok(core)
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Nodes promotions may go to (the driver reports which are short of
+    /// memory on the tick).
+    pub fn fast_nodes(&self) -> &[u16] {
+        &self.fast_nodes
+    }
+
+    /// Commands asked for and not completed.
+    pub fn commands_in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn node_index(&self, nid: u16) -> Option<usize> {
+        self.nodes.iter().position(|n| n.nid == nid)
+    }
+
+    fn draining(&self) -> bool {
+        !matches!(self.phase, Phase::Serving)
+    }
+
+    // ---- upcalls ----------------------------------------------------
+
+    /// The verdict for one upcall.
+    pub fn upcall(&mut self, upcall: &Upcall, now: u64) -> Verdict {
+        match *upcall {
+            Upcall::WriteFault(_) => self.metrics.write_faults += 1,
+            Upcall::HintFault { .. } => self.metrics.hint_faults += 1,
+            Upcall::DemoteCredit { .. } => self.metrics.credit_requests += 1,
+            Upcall::Ping { .. } => self.metrics.pings += 1,
+        }
+        let v = match *upcall {
+            Upcall::DemoteCredit { nid, wanted_pages } => {
+                self.credit_request(nid, wanted_pages, now)
+            }
+            Upcall::WriteFault(Fault { nid, .. })
+            | Upcall::HintFault {
+                fault: Fault { nid, .. },
+                ..
+            } => {
+                let acc = self
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.nid == nid)
+                    .map(|n| &mut n.account);
+                self.policy.decide_with(upcall, acc, now)
+            }
+            Upcall::Ping { cookie } => Verdict::Pong { cookie },
+        };
+        if v == Verdict::Default {
+            self.metrics.defaults += 1;
+        }
+        v
+    }
+
+    /// An upcall whose descriptor did not decode (answered DEFAULT).
+    pub fn malformed(&mut self) {
+        self.metrics.malformed += 1;
+        self.metrics.defaults += 1;
+    }
+
+    /// A slot the kernel rejected (re-armed by the driver).
+    pub fn slot_failed(&mut self) {
+        self.metrics.slot_failures += 1;
+    }
+
+    /// Time to answer one upcall, as the driver measured it.
+    pub fn observe_latency(&mut self, ns: u64) {
+        self.metrics.latency.observe(ns);
+    }
+
+    /// Whether node `i` may be granted credit now: the one place that
+    /// decides it.  Nothing is granted while the books are being rebuilt,
+    /// an eviction runs, the server is draining, or the server before us
+    /// may still have demotions in flight.
+    fn credit_allowed(&self, i: usize, now: u64) -> bool {
+        let n = &self.nodes[i];
+        !self.draining()
+            && !n.rebuilding()
+            && n.watermark == Watermark::Normal
+            && now >= self.foreign_credit_until
+    }
+
+    fn credit_request(&mut self, nid: u16, wanted: u64, now: u64) -> Verdict {
+        let Some(i) = self.node_index(nid) else {
+            self.policy.decisions.unknown_node += 1;
+            return Verdict::Deny;
+        };
+        let chunk = self.policy.config().credit_chunk_pages;
+        let want = wanted.max(chunk).min(u64::from(u32::MAX));
+        let got = self.grant(i, want, now);
+        let n = &mut self.nodes[i];
+        if got == 0 {
+            self.policy.decisions.deny += 1;
+            n.muted = true;
+            n.counters.denials += 1;
+            Verdict::Deny
+        } else {
+            self.policy.decisions.grant += 1;
+            self.policy.decisions.granted_pages += got;
+            n.muted = false;
+            Verdict::Grant { pages: got as u32 }
+        }
+    }
+
+    /// Grant up to `want` pages of credit to node `i` (0 when not allowed
+    /// or there is no room; see [`NodeAccount::grant`] for the bounds).
+    fn grant(&mut self, i: usize, want: u64, now: u64) -> u64 {
+        if !self.credit_allowed(i, now) {
+            return 0;
+        }
+        self.nodes[i].account.grant(want)
+    }
+
+    // ---- events -----------------------------------------------------
+
+    /// An event record that did not decode: it may hide a page, so every
+    /// node's books are rebuilt.
+    pub fn event_undecodable(&mut self) {
+        for n in &mut self.nodes {
+            n.make_stale();
+        }
+    }
+
+    /// Apply one event to the books.
+    pub fn event(&mut self, ev: &Event) {
+        let (nid, pfn, order) = match *ev {
+            Event::Placed {
+                nid, pfn, order, ..
+            }
+            | Event::Freed { nid, pfn, order }
+            | Event::Promoted {
+                nid, pfn, order, ..
+            } => (nid, pfn, order),
+            Event::Overflow { lost } => {
+                self.metrics.event_overflows += 1;
+                if self.nodes.iter().any(Node::rebuilding) {
+                    tracing::debug!(lost, "the kernel dropped more events");
+                } else {
+                    tracing::warn!(lost, "the kernel dropped events: resyncing");
+                }
+                for n in &mut self.nodes {
+                    n.make_stale();
+                }
+                return;
+            }
+            Event::Ping { .. } => return,
+        };
+        let Some(i) = self.node_index(nid) else {
+            return;
+        };
+        let pages = 1u64 << order.min(20);
+        let n = &mut self.nodes[i];
+        let resyncing = n.rebuilding();
+        let r = match *ev {
+            Event::Placed { reason, .. } => {
+                // PLACED comes once per mapping: the second mapping of a
+                // shared folio reports it again.
+                if n.account.all_resident(pfn, order) {
+                    n.counters.duplicate_placed += pages;
+                    return;
+                }
+                let credited = reason == PlaceReason::Demotion;
+                let r = n.account.placed(pfn, order, credited);
+                if r.is_ok() {
+                    if credited {
+                        n.counters.demoted += pages;
+                    } else {
+                        n.counters.placed_other += pages;
+                    }
+                    n.drain_checked = false;
+                }
+                r
+            }
+            Event::Freed { .. } => {
+                let r = n.account.left(pfn, order);
+                if r.is_ok() {
+                    n.counters.freed += pages;
+                }
+                r
+            }
+            _ => {
+                let r = n.account.left(pfn, order);
+                if r.is_ok() {
+                    n.counters.promoted += pages;
+                }
+                r
+            }
+        };
+        match r {
+            Ok(()) => {}
+            // A FREED or PROMOTED page the books do not hold: the free that
+            // follows every promotion (the page already left with
+            // PROMOTED), or the target of a demotion that failed after its
+            // page was allocated (no PLACED).
+            Err(AccountError::NotResident { .. }) => n.counters.unknown_frees += pages,
+            // While a RESYNC runs, events race with its reports.
+            Err(_) if resyncing => {}
+            // A folio partly in the books, or a pfn outside the node as
+            // ATTACH_NODE reported it: the books are wrong.
+            Err(e) => {
+                n.counters.disagreements += 1;
+                n.make_stale();
+                tracing::warn!(nid, "event disagrees with the books ({e}): resyncing");
+            }
+        }
+    }
+
+    /// Every event queued so far was applied: RESYNCs go on (a RESYNC
+    /// whose last chunk completed has all its reports in the books now),
+    /// the drain takes its next step, and the invariant is sampled.
+    pub fn events_applied(&mut self, now: u64) {
+        for i in 0..self.nodes.len() {
+            self.resync_step(i);
+            self.sample(i);
+        }
+        if let Phase::Draining { .. } = self.phase {
+            self.drain_step(now);
+        }
+    }
+
+    /// Keep the high-water mark of committed bytes and count breaches of
+    /// capacity (only settled books are judged: pages a RESYNC reports
+    /// cost the worst case until measured).
+    fn sample(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        if !n.settled() {
+            return;
+        }
+        let (committed, cap) = (n.account.committed(), n.account.geometry().capacity);
+        let c = &mut n.counters;
+        c.max_committed = c.max_committed.max(committed);
+        if committed > cap {
+            c.over_capacity += 1;
+        }
+    }
+
+    // ---- measurement ------------------------------------------------
+
+    /// The next page to measure: `(node index, pfn)`.  Read it through
+    /// the node mapping and report its size with [`Core::measured`].  The
+    /// backlog is the pages the books hold as unmeasured (no queue: a
+    /// RESYNC of a 1 TiB node reports 268 M pages).
+    pub fn pop_measure(&mut self) -> Option<(usize, u64)> {
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            if let Some(pfn) = n.account.next_unmeasured() {
+                return Some((i, pfn));
+            }
+            if n.books == (Books::Live { settling: true }) {
+                n.books = Books::Live { settling: false };
+            }
+        }
+        None
+    }
+
+    /// Pages waiting to be measured, over all nodes.
+    pub fn measure_backlog(&self) -> u64 {
+        self.nodes.iter().map(|n| n.account.unmeasured()).sum()
+    }
+
+    /// The compressed size of page `pfn` of node `i`.  `None`: the page
+    /// could not be read; it is booked at the worst case (as measured, so
+    /// that it is not asked for again until it is placed anew).
+    pub fn measured(&mut self, i: usize, pfn: u64, bytes: Option<u32>) {
+        let Some(n) = self.nodes.get_mut(i) else {
+            return;
+        };
+        let worst = n.account.geometry().worst_case();
+        if n.account.state(pfn) == Some(PageState::Unmeasured)
+            && n.account.measured(pfn, bytes.unwrap_or(worst)).is_ok()
+        {
+            n.counters.measured += 1;
+        }
+    }
+
+    // ---- control commands -------------------------------------------
+
+    fn submit(&mut self, ctrl: Control, why: Cmd) {
+        let id = CmdId(self.next_id);
+        self.next_id += 1;
+        self.pending.insert(id, why);
+        self.controls.insert(id, ctrl);
+        self.out.push_back(id);
+    }
+
+    /// The next control command to send.
+    pub fn poll_command(&mut self) -> Option<(CmdId, Control)> {
+        let id = self.out.pop_front()?;
+        let c = self.controls.remove(&id)?;
+        Some((id, c))
+    }
+
+    /// Command `id` ended with `r` (the CQE result: >= 0, or `-errno`).
+    pub fn completed(&mut self, id: CmdId, r: i32, now: u64) {
+        let Some(op) = self.pending.remove(&id) else {
+            return;
+        };
+        match op {
+            Cmd::Resync { node } => self.resync_done(node, r),
+            Cmd::SetCredit { node, pages } => {
+                let n = &mut self.nodes[node];
+                let next = match n.credit_cmd {
+                    CreditCmd::Setting { next } => next,
+                    CreditCmd::Idle => None,
+                };
+                n.credit_cmd = CreditCmd::Idle;
+                if r < 0 {
+                    // The kernel kept its previous credit, which the books
+                    // still reserve as retiring: keep it reserved (no
+                    // release) and let a RESYNC set things straight.
+                    n.release_retired_at = None;
+                    n.make_stale();
+                    tracing::error!(nid = n.nid, pages, "SET_CREDIT failed: errno {}", -r);
+                } else {
+                    n.release_retired_at = Some(now + RETIRE_GRACE_NS);
+                }
+                if let Some(next) = next {
+                    self.set_credit(node, next);
+                }
+            }
+            Cmd::Evict { node, pfn } => {
+                let draining = self.draining();
+                let n = &mut self.nodes[node];
+                n.evicting.remove(&pfn);
+                if r >= 0 {
+                    n.counters.evictions += 1;
+                    n.refused.remove(&pfn);
+                } else {
+                    n.counters.evictions_failed += 1;
+                    // ENOENT: no anonymous folio there now (freed or
+                    // promoted meanwhile: its event is on the way); EBUSY,
+                    // EAGAIN, ENOMEM, EINVAL: the migration failed (busy,
+                    // pinned, no room).  Leave the pfn alone for a while.
+                    // Draining needs exact books: there, ENOENT resyncs.
+                    if draining && r == -ENOENT {
+                        n.make_stale();
+                    }
+                    let wait = if draining {
+                        DRAIN_BACKOFF_NS
+                    } else {
+                        EVICT_BACKOFF_NS
+                    };
+                    n.refused.insert(pfn, now + wait);
+                    tracing::debug!(nid = n.nid, pfn, "PROMOTE_PFN: errno {}", -r);
+                }
+            }
+            Cmd::Detach { node } => {
+                let nid = self.nodes[node].nid;
+                if r >= 0 {
+                    tracing::info!(nid, "node empty (RESYNC reports no page): detached");
+                } else {
+                    tracing::error!(nid, "DETACH_NODE failed: errno {}", -r);
+                }
+            }
+        }
+        if self.phase == Phase::Finishing && self.pending.is_empty() {
+            self.phase = Phase::Done;
+        }
+    }
+
+    fn resync_done(&mut self, i: usize, r: i32) {
+        let end = self.nodes[i].end_pfn();
+        let n = &mut self.nodes[i];
+        let Books::Rebuilding { at, again, .. } = n.books else {
+            return;
+        };
+        if r > 0 {
+            // Done when the next chunk would start past the end; the books
+            // are final once this turn's events are in (resync_step).
+            n.resync_failures = 0;
+            n.books = Books::Rebuilding {
+                at: (at + r as u64).min(end),
+                in_flight: false,
+                again,
+            };
+        } else if r == -EAGAIN || r == -EINTR {
+            n.books = Books::Rebuilding {
+                at,
+                in_flight: false,
+                again,
+            };
+        } else {
+            n.resync_failures += 1;
+            tracing::error!(nid = n.nid, at, "RESYNC failed: errno {}", -r);
+            if n.resync_failures >= MAX_RESYNC_FAILURES {
+                self.fatal = Some(format!(
+                    "RESYNC of node {} failed {MAX_RESYNC_FAILURES} times (errno {}): \
+                     the books cannot be rebuilt",
+                    n.nid, -r
+                ));
+            }
+            n.books = Books::Stale;
+        }
+    }
+
+    /// Start, continue or finish a RESYNC of node `i`.
+    fn resync_step(&mut self, i: usize) {
+        if self.nodes[i].books == Books::Stale {
+            // Forget the books, take back the credit, and ask for every
+            // page again.
+            let n = &mut self.nodes[i];
+            n.forget();
+            n.account.retire();
+            n.muted = true;
+            self.set_credit(i, 0);
+            self.metrics.resyncs += 1;
+        }
+        let end = self.nodes[i].end_pfn();
+        let n = &mut self.nodes[i];
+        let Books::Rebuilding {
+            at,
+            in_flight: false,
+            again,
+        } = n.books
+        else {
+            return;
+        };
+        if at >= end {
+            if again {
+                n.books = Books::Stale;
+                return self.resync_step(i);
+            }
+            n.books = Books::Live { settling: true };
+            tracing::info!(
+                nid = n.nid,
+                resident = n.account.resident_pages(),
+                "books rebuilt"
+            );
+            return;
+        }
+        n.books = Books::Rebuilding {
+            at,
+            in_flight: true,
+            again,
+        };
+        let ctrl = Control::Resync {
+            nid: u32::from(n.nid),
+            start_pfn: at,
+            nr_pages: (end - at).min(MAX_RESYNC_PAGES),
+        };
+        self.submit(ctrl, Cmd::Resync { node: i });
+    }
+
+    /// SET_CREDIT, one at a time per node.
+    fn set_credit(&mut self, i: usize, pages: u64) {
+        let n = &mut self.nodes[i];
+        if let CreditCmd::Setting { next } = &mut n.credit_cmd {
+            *next = Some(pages);
+            return;
+        }
+        n.credit_cmd = CreditCmd::Setting { next: None };
+        let nid = u32::from(n.nid);
+        self.metrics.credit_set_pages += pages;
+        self.submit(
+            Control::SetCredit { nid, pages },
+            Cmd::SetCredit { node: i, pages },
+        );
+    }
+
+    // ---- the tick -----------------------------------------------------
+
+    /// Whether [`Core::tick`] is due.
+    pub fn tick_due(&self, now: u64) -> bool {
+        now.saturating_sub(self.last_tick) >= TICK_NS
+    }
+
+    /// How long the driver may sleep before the next tick.
+    pub fn wait_ns(&self, now: u64) -> u64 {
+        if self.measure_backlog() > 0 {
+            return 0;
+        }
+        TICK_NS.saturating_sub(now.saturating_sub(self.last_tick))
+    }
+
+    /// Watermarks, credit, cooling.  `low_on_memory`: the fast nodes
+    /// short of free memory now.
+    pub fn tick(&mut self, now: u64, low_on_memory: Vec<u16>) {
+        self.last_tick = now;
+        for i in 0..self.nodes.len() {
+            self.tick_node(i, now);
+        }
+        self.policy.set_low_on_memory(low_on_memory);
+        if now.saturating_sub(self.last_cool) >= self.hot_window_ns {
+            self.last_cool = now;
+            for n in &mut self.nodes {
+                n.account.cool();
+            }
+        }
+        if self.ready == Readiness::Starting
+            && now >= self.foreign_credit_until
+            && self.nodes.iter().all(|n| !n.rebuilding())
+        {
+            self.ready = Readiness::Ready;
+        }
+    }
+
+    fn tick_node(&mut self, i: usize, now: u64) {
+        let n = &mut self.nodes[i];
+        if let Some(at) = n.release_retired_at
+            && now >= at
+            && !n.credit_busy()
+        {
+            n.release_retired_at = None;
+            n.account.release_retired();
+        }
+        self.resync_step(i);
+        let n = &mut self.nodes[i];
+        if n.rebuilding() {
+            return;
+        }
+        let level = n.account.level();
+        if level == Level::Critical && n.account.credit() > 0 {
+            // Take back every page of credit: the kernel may not place
+            // another page until we are below high again.
+            n.account.retire();
+            n.muted = true;
+            tracing::warn!(nid = n.nid, "critical watermark: credit revoked");
+            self.set_credit(i, 0);
+        }
+        // Above high, evict; once started, go on down to low (no credit
+        // is granted meanwhile), so that the node does not hover at high,
+        // evicting and refilling.
+        let n = &self.nodes[i];
+        if level >= Level::High || (n.watermark == Watermark::Evicting && n.account.above_low()) {
+            self.evict(i, now);
+            return;
+        }
+        let n = &mut self.nodes[i];
+        if n.watermark == Watermark::Evicting {
+            n.watermark = Watermark::Normal;
+            tracing::info!(
+                nid = n.nid,
+                used_mib = n.account.used() >> 20,
+                evictions = n.counters.evictions,
+                "below the low watermark: eviction done, credit again"
+            );
+        }
+        if n.muted && !self.draining() {
+            self.regrant(i, now);
+        }
+    }
+
+    /// Grant credit again after a DENY, once the node has room: SET_CREDIT
+    /// to what fits.  The kernel's leftover credit is replaced, so the
+    /// books retire theirs (still reserved for a grace period).
+    fn regrant(&mut self, i: usize, now: u64) {
+        if !self.credit_allowed(i, now) {
+            return;
+        }
+        let want = self.nodes[i].account.nr_pages() as u64;
+        let old = self.nodes[i].account.retire();
+        let g = self.grant(i, want, now);
+        if g == 0 {
+            // No room: make sure the kernel holds nothing either.
+            if old > 0 {
+                self.set_credit(i, 0);
+            }
+            return;
+        }
+        self.nodes[i].muted = false;
+        self.set_credit(i, g);
+    }
+
+    /// Evict the costliest pages down to the low watermark.  While pages
+    /// wait to be measured, wait up to [`EVICT_PATIENCE_NS`]: they are
+    /// charged the worst case and may turn out cheap.  No credit is
+    /// granted meanwhile.
+    fn evict(&mut self, i: usize, now: u64) {
+        let n = &mut self.nodes[i];
+        if !n.evicting.is_empty() {
+            return;
+        }
+        if n.account.unmeasured() == 0 {
+            n.evict_waiting_since = None;
+        } else {
+            let since = *n.evict_waiting_since.get_or_insert(now);
+            if now - since < EVICT_PATIENCE_NS {
+                return;
+            }
+        }
+        let plan = n.account.plan_to_low_limited(MAX_EVICTIONS_IN_FLIGHT, |p| {
+            n.refused.get(&p).is_some_and(|&until| until > now)
+        });
+        if !plan.is_empty() && n.watermark == Watermark::Normal {
+            n.watermark = Watermark::Evicting;
+            n.counters.high_episodes += 1;
+            tracing::info!(
+                nid = n.nid,
+                used_mib = n.account.used() >> 20,
+                projected_mib = n.account.projected() >> 20,
+                pages = plan.len(),
+                "above the high watermark: evicting down to the low watermark"
+            );
+        }
+        self.submit_evictions(i, plan, now);
+    }
+
+    fn submit_evictions(&mut self, i: usize, pfns: impl IntoIterator<Item = u64>, now: u64) {
+        let nid = u32::from(self.fast_nid);
+        self.nodes[i].refused.retain(|_, until| *until > now);
+        for pfn in pfns {
+            let n = &mut self.nodes[i];
+            if n.evicting.len() >= MAX_EVICTIONS_IN_FLIGHT {
+                break;
+            }
+            if n.refused.contains_key(&pfn) || !n.evicting.insert(pfn) {
+                continue;
+            }
+            self.submit(
+                Control::PromotePfn { pfn, nid },
+                Cmd::Evict { node: i, pfn },
+            );
+        }
+    }
+
+    // ---- stopping -----------------------------------------------------
+
+    /// `count` stop signals (SIGINT/SIGTERM) arrived: the first starts
+    /// the drain, a second (or two at once) cuts it short.
+    pub fn signal(&mut self, count: u64, now: u64) {
+        match self.phase {
+            Phase::Serving => {
+                tracing::info!("signal received: draining");
+                self.phase = Phase::Draining {
+                    deadline: now + self.drain_timeout_ns,
+                    hurry: count >= 2,
+                };
+                for i in 0..self.nodes.len() {
+                    self.nodes[i].account.retire();
+                    self.nodes[i].muted = true;
+                    self.set_credit(i, 0);
+                }
+                self.drain_step(now);
+            }
+            Phase::Draining { deadline, .. } => {
+                tracing::warn!("second signal: drain cut short");
+                self.phase = Phase::Draining {
+                    deadline,
+                    hurry: true,
+                };
+                self.drain_step(now);
+            }
+            Phase::Finishing | Phase::Done => {}
+        }
+    }
+
+    /// One step of the drain: evict what is left, show the node empty
+    /// with a RESYNC, then detach (or leave the node managed).
+    fn drain_step(&mut self, now: u64) {
+        let Phase::Draining { deadline, hurry } = self.phase else {
+            return;
+        };
+        let detach = self.detach_on_stop;
+        let mut busy = false;
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            let in_flight = n.credit_busy();
+            if n.rebuilding() {
+                busy = true;
+                continue;
+            }
+            if !detach {
+                busy |= in_flight;
+                continue;
+            }
+            if n.account.resident_pages() > 0 {
+                let left = n.account.resident_sample(MAX_EVICTIONS_IN_FLIGHT, |p| {
+                    n.evicting.contains(&p) || n.refused.get(&p).is_some_and(|&t| t > now)
+                });
+                self.nodes[i].drain_checked = false;
+                self.submit_evictions(i, left, now);
+                busy = true;
+            } else if !n.evicting.is_empty() || in_flight {
+                busy = true;
+            } else if !n.drain_checked {
+                // The books say empty: ask the kernel.
+                let n = &mut self.nodes[i];
+                n.drain_checked = true;
+                n.books = Books::Stale;
+                self.resync_step(i);
+                busy = true;
+            }
+        }
+        if busy && !hurry && now < deadline {
+            return;
+        }
+        if busy && !hurry {
+            tracing::warn!("drain timeout reached");
+        }
+        self.phase = Phase::Finishing;
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            let resident = n.account.resident_pages();
+            if !detach {
+                tracing::info!(
+                    nid = n.nid,
+                    resident,
+                    "left managed (isolated and fenced) for the next server to adopt"
+                );
+                continue;
+            }
+            if n.rebuilding() || !n.drain_checked || resident > 0 {
+                // Detaching a node with pages on it would let them be
+                // written in place, and makes it ordinary memory.
+                tracing::warn!(
+                    nid = n.nid,
+                    resident,
+                    "node not shown empty: left managed (isolated and fenced) \
+                     for the next server to adopt"
+                );
+                continue;
+            }
+            let nid = u32::from(n.nid);
+            self.submit(Control::DetachNode { nid }, Cmd::Detach { node: i });
+        }
+        if !self
+            .pending
+            .values()
+            .any(|c| matches!(c, Cmd::Detach { .. }))
+        {
+            self.phase = Phase::Done;
+        }
+    }
+
+    // ---- outputs ------------------------------------------------------
+
+    /// `true` once, when every node's books were rebuilt and the server
+    /// serves (the driver tells systemd).
+    pub fn take_ready(&mut self) -> bool {
+        if self.ready == Readiness::Ready {
+            self.ready = Readiness::Reported;
+            return true;
+        }
+        false
+    }
+
+    /// Why the server must stop with an error, once.
+    pub fn take_fatal(&mut self) -> Option<String> {
+        self.fatal.take()
+    }
+
+    /// The metrics, for the admin socket.
+    pub fn snapshot(&self, now: u64) -> Snapshot {
+        Snapshot {
+            metrics: self.metrics.clone(),
+            decisions: self.policy.decisions.clone(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let mut c = n.counters.clone();
+                    c.measure_backlog = n.account.unmeasured();
+                    (NodeGauges::of(n.nid, &n.account), c)
+                })
+                .collect(),
+            uptime_s: now.saturating_sub(self.start) as f64 / 1e9,
+        }
+    }
+}

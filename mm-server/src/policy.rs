@@ -182,11 +182,12 @@ impl Policy {
             Upcall::DemoteCredit { nid, .. } => nid,
             Upcall::Ping { cookie } => return Verdict::Pong { cookie },
         };
-        let mut node = self.nodes.get_mut(usize::from(nid)).and_then(Option::take);
-        let v = self.decide_with(upcall, node.as_mut(), now_ns);
-        if let Some(n) = node {
-            self.nodes[usize::from(nid)] = Some(n);
-        }
+        // The books are lent out for the call (a move of the Vec, not of
+        // the books).
+        let mut nodes = std::mem::take(&mut self.nodes);
+        let node = nodes.get_mut(usize::from(nid)).and_then(Option::as_mut);
+        let v = self.decide_with(upcall, node, now_ns);
+        self.nodes = nodes;
         v
     }
 

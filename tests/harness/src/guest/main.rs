@@ -142,10 +142,10 @@ fn expected_anomalies(scenario: &str) -> &'static [&'static str] {
         // Reclaim bursts larger than the event queue; these scenarios
         // judge placement by move_pages(2), not by the server's books.
         "credit" | "demote-write-promote" => &["events_lost"],
-        // mm-server reads events on its tick and the kernel's queue holds
-        // 4096: the frees of a large workload's exit (server-e2e) and
-        // bursts of rewrites overflow it, and mm-server rebuilds with
-        // RESYNC.  Known, counted, open (the event-loss item of the
+        // The kernel's queue holds 4096 events: the frees of a large
+        // workload's exit (server-e2e) and bursts of rewrites overflow it
+        // although mm-server reads as soon as the device is readable, and
+        // mm-server rebuilds with RESYNC.  Known, counted, open (the event-loss item of the
         // sans-I/O core issue); the books still have to match, and where
         // they must come from events alone agree() says so.
         "server-e2e" => &["events_lost"],

@@ -43,6 +43,9 @@ pub enum Event {
     },
     /// A folio on managed node `nid` was freed.
     Freed { nid: u16, pfn: u64, order: u32 },
+    /// Base pages `pfn..pfn + pages` on managed node `nid` were freed:
+    /// frees the kernel folded into one record (`FREED` with `count`).
+    FreedRange { nid: u16, pfn: u64, pages: u64 },
     /// The folio at `pfn` on `nid` was migrated to `target_nid`.
     Promoted {
         nid: u16,
@@ -105,12 +108,20 @@ impl Event {
                     ("target_nid", e.target_nid.into()),
                     ("tgid", e.tgid.into()),
                     ("vaddr", e.vaddr),
-                    ("count", e.count),
                 ])?;
-                Ok(Event::Freed {
+                if e.count == 0 {
+                    return Ok(Event::Freed {
+                        nid: e.nid,
+                        pfn: e.pfn,
+                        order: e.order,
+                    });
+                }
+                // A range is of base pages: its order is 0.
+                zero(&[("order", e.order.into())])?;
+                Ok(Event::FreedRange {
                     nid: e.nid,
                     pfn: e.pfn,
-                    order: e.order,
+                    pages: e.count,
                 })
             }
             ev::PROMOTED => {
@@ -176,6 +187,13 @@ impl Event {
                 nid,
                 pfn,
                 order,
+                ..raw::Event::default()
+            },
+            Event::FreedRange { nid, pfn, pages } => raw::Event {
+                r#type: ev::FREED,
+                nid,
+                pfn,
+                count: pages,
                 ..raw::Event::default()
             },
             Event::Promoted {

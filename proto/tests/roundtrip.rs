@@ -87,6 +87,8 @@ fn event() -> impl Strategy<Value = Event> {
             pfn,
             order
         }),
+        (any::<u16>(), any::<u64>(), 1..=u64::MAX)
+            .prop_map(|(nid, pfn, pages)| { Event::FreedRange { nid, pfn, pages } }),
         (any::<u16>(), any::<u16>(), any::<u64>(), any::<u32>()).prop_map(
             |(nid, target_nid, pfn, order)| Event::Promoted {
                 nid,

@@ -129,6 +129,8 @@ struct Kernel {
     queue: VecDeque<Event>,
     cap: usize,
     lost: u64,
+    /// Frees folded into queued records.
+    folded: u64,
     /// Commands sent and not yet run.
     submitted: Vec<(CmdId, Control)>,
     /// Commands run whose completion was not delivered yet.
@@ -140,7 +142,66 @@ struct Kernel {
 }
 
 impl Kernel {
+    /// Queue an event, folding frees as the kernel does (patch 0030): the
+    /// free of a folio whose PROMOTED is queued is dropped, and a free
+    /// next to the FREED at the tail extends it into a range; a queued
+    /// record about the same pages stops the search; nothing is folded
+    /// past lost events.
     fn post(&mut self, ev: Event) {
+        if let Event::Freed { nid, pfn, order } = ev
+            && self.lost == 0
+        {
+            let nr = 1u64 << order;
+            for (i, q) in self.queue.iter_mut().rev().take(16).enumerate() {
+                let (qnid, qpfn, qn) = match *q {
+                    Event::Promoted {
+                        nid: n,
+                        pfn: p,
+                        order: o,
+                        ..
+                    } => {
+                        if n == nid && p == pfn && o == order {
+                            self.folded += 1;
+                            return;
+                        }
+                        (n, p, 1u64 << o)
+                    }
+                    Event::Freed {
+                        nid: n,
+                        pfn: p,
+                        order: o,
+                    } => (n, p, 1u64 << o),
+                    Event::FreedRange {
+                        nid: n,
+                        pfn: p,
+                        pages,
+                    } => (n, p, pages),
+                    Event::Placed {
+                        nid: n,
+                        pfn: p,
+                        order: o,
+                        ..
+                    } => (n, p, 1u64 << o),
+                    _ => continue,
+                };
+                if qnid != nid {
+                    continue;
+                }
+                let is_free = matches!(q, Event::Freed { .. } | Event::FreedRange { .. });
+                if i == 0 && is_free && (qpfn + qn == pfn || pfn + nr == qpfn) {
+                    *q = Event::FreedRange {
+                        nid,
+                        pfn: qpfn.min(pfn),
+                        pages: qn + nr,
+                    };
+                    self.folded += 1;
+                    return;
+                }
+                if qpfn < pfn + nr && pfn < qpfn + qn {
+                    break;
+                }
+            }
+        }
         if self.queue.len() >= self.cap {
             self.lost += 1;
         } else {
@@ -192,6 +253,8 @@ pub struct Stats {
     pub placed: u64,
     /// Steps at which the books were compared with the kernel's pages.
     pub quiet_checks: u64,
+    /// Frees the kernel folded into queued records.
+    pub folded: u64,
     pub detached: bool,
     /// A digest of the run (same seed, same digest).
     pub digest: u64,
@@ -247,6 +310,7 @@ impl Sim {
             queue: VecDeque::new(),
             cap: knobs.queue,
             lost: 0,
+            folded: 0,
             submitted: Vec::new(),
             done: Vec::new(),
             demoting: Vec::new(),
@@ -435,20 +499,35 @@ impl Sim {
 
     fn leave(&mut self, pfn: u64, promoted: bool) {
         *self.k.page(pfn) = None;
-        self.k.post(if promoted {
-            Event::Promoted {
+        if promoted {
+            self.k.post(Event::Promoted {
                 nid: NID,
                 pfn,
                 order: 0,
                 target_nid: 0,
-            }
-        } else {
-            Event::Freed {
-                nid: NID,
-                pfn,
-                order: 0,
-            }
+            });
+        }
+        // The source folio of a promotion is freed too.
+        self.k.post(Event::Freed {
+            nid: NID,
+            pfn,
+            order: 0,
         });
+    }
+
+    /// A process exits: a run of resident pages is freed in address
+    /// order (which the kernel folds into ranges).
+    fn exit(&mut self) {
+        let Some(first) = self.random_resident() else {
+            return;
+        };
+        let end = START_PFN + self.knobs.pages as u64;
+        let run = self.rng.random_range(1..256u64);
+        for pfn in first..(first + run).min(end) {
+            if self.k.page(pfn).is_some() {
+                self.leave(pfn, false);
+            }
+        }
     }
 
     fn write_fault(&mut self) {
@@ -731,11 +810,12 @@ impl Sim {
         let roll = self.rng.random_range(0..100);
         match roll {
             0..=24 if workload => self.demote(),
-            25..=29 if workload => {
+            25..=28 if workload => {
                 if let Some(pfn) = self.random_resident() {
                     self.leave(pfn, false);
                 }
             }
+            29 if workload => self.exit(),
             30..=34 if workload => self.write_fault(),
             35..=39 if workload => self.hint_fault(),
             40..=64 => self.run_command(),
@@ -796,6 +876,7 @@ impl Sim {
             )));
         }
         self.stats.resyncs = self.core.metrics().resyncs;
+        self.stats.folded = self.k.folded;
         Ok(self.stats.clone())
     }
 }

@@ -9,6 +9,7 @@ const STEPS: u64 = 2_000;
 fn two_thousand_seeds_hold_every_invariant() {
     let mut totals = (0, 0, 0, 0, 0);
     let mut quiet = 0;
+    let mut folded = 0;
     for seed in 0..SEEDS {
         match run_seed(seed, STEPS) {
             Ok(s) => {
@@ -18,6 +19,7 @@ fn two_thousand_seeds_hold_every_invariant() {
                 totals.3 += s.refunds;
                 totals.4 += s.evictions;
                 quiet += s.quiet_checks;
+                folded += s.folded;
             }
             Err(f) => panic!("{f}"),
         }
@@ -32,6 +34,10 @@ fn two_thousand_seeds_hold_every_invariant() {
     assert!(
         quiet > 100_000,
         "books compared with the kernel {quiet} times"
+    );
+    assert!(
+        folded > 100_000,
+        "{folded} frees folded into queued records"
     );
 }
 

@@ -354,6 +354,7 @@ impl Core {
                 }
                 return;
             }
+            Event::FreedRange { nid, pfn, pages } => return self.freed_range(nid, pfn, pages),
             Event::Ping { .. } => return,
         };
         let Some(i) = self.node_index(nid) else {
@@ -412,6 +413,29 @@ impl Core {
                 n.counters.disagreements += 1;
                 n.make_stale();
                 tracing::warn!(nid, "event disagrees with the books ({e}): resyncing");
+            }
+        }
+    }
+
+    /// Frees the kernel folded into one record: each base page leaves
+    /// the books (those the books do not hold are counted, as for a
+    /// `FREED` folio).
+    fn freed_range(&mut self, nid: u16, pfn: u64, pages: u64) {
+        let Some(i) = self.node_index(nid) else {
+            return;
+        };
+        let n = &mut self.nodes[i];
+        let end = pfn.saturating_add(pages);
+        if pfn < n.account.start_pfn() || end > n.end_pfn() {
+            n.counters.disagreements += 1;
+            n.make_stale();
+            tracing::warn!(nid, pfn, pages, "FREED range outside the node: resyncing");
+            return;
+        }
+        for p in pfn..end {
+            match n.account.left(p, 0) {
+                Ok(()) => n.counters.freed += 1,
+                Err(_) => n.counters.unknown_frees += 1,
             }
         }
     }

@@ -58,9 +58,10 @@ fn pid() -> u32 {
 /// A region of `len` bytes with the pattern `seed`, moved to node 1 by the
 /// server; with `huge`, backed by transparent huge pages where possible.
 /// The most a scenario places at once when it wants the server's books
-/// to come from events alone: half of the kernel's event queue (4096
-/// events, one per 4 KiB page placed), which the server reads between
-/// steps.  A larger burst loses events by design (`OVERFLOW`).
+/// to come from events alone: an eighth of the kernel's event queue
+/// (16384 events, one per 4 KiB page placed), which the server reads
+/// between steps.  A burst larger than the queue loses events by design
+/// (`OVERFLOW`).
 pub const EVENT_STEP: usize = 8 << 20;
 
 pub fn demoted(srv: &mut Server, len: usize, seed: u64, huge: bool) -> Result<Anon> {
@@ -76,8 +77,8 @@ pub fn demoted(srv: &mut Server, len: usize, seed: u64, huge: bool) -> Result<An
     sys::fill_pattern(mem.as_mut_slice(), seed);
     // A page can be busy for a moment (a huge page being split, a per-CPU
     // LRU batch); moving again is a no-op for the pages already there.
-    // In steps of half the kernel's event queue (4096 entries), which the
-    // server reads between steps.
+    // In steps of an eighth of the kernel's event queue (16384 entries),
+    // which the server reads between steps.
     let step = EVENT_STEP / PAGE_SIZE;
     let mut moved = 0;
     for _ in 0..3 {
@@ -511,11 +512,11 @@ pub fn resync() -> Result<()> {
     b.quit()
 }
 
-/// Lost events on purpose: 24 MiB demoted while the server is stopped
-/// (6144 PLACED events for a queue of 4096).  The server is told
+/// Lost events on purpose: 96 MiB demoted while the server is stopped
+/// (24576 PLACED events for a queue of 16384).  The server is told
 /// (`OVERFLOW`), rebuilds its books with RESYNC, and they equal the kernel.
 fn resync_after_overflow(b: &mut Server) -> Result<()> {
-    const LEN: usize = 24 << 20;
+    const LEN: usize = 96 << 20;
     let (start, span) = (b.start_pfn, b.spanned);
     let before = (stat("events_lost")?, b.stat("overflow")?);
     ensure(b.result("credit set 1048576")? == 0, || {
@@ -540,7 +541,7 @@ fn resync_after_overflow(b: &mut Server) -> Result<()> {
          OVERFLOW; books after its RESYNC {}, kernel {}",
         books.0, truth.0
     );
-    ensure(n1 > 4096 && lost > 0 && overflows >= 1, || {
+    ensure(n1 > 16384 && lost > 0 && overflows >= 1, || {
         format!(
             "the burst did not overflow the event queue: {n1} pages demoted, {lost} events \
              lost, {overflows} OVERFLOW records"

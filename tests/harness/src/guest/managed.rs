@@ -180,6 +180,12 @@ impl State {
                         self.freed += 1 << order;
                         self.books.remove(pfn, order);
                     }
+                    Ok(Event::FreedRange { pfn, pages, .. }) => {
+                        self.freed += pages;
+                        for p in pfn..pfn.saturating_add(pages) {
+                            self.books.remove(p, 0);
+                        }
+                    }
                     Ok(Event::Promoted { pfn, order, .. }) => {
                         self.promoted += 1 << order;
                         self.books.remove(pfn, order);

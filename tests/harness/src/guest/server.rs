@@ -352,6 +352,8 @@ pub fn e2e() -> Result<()> {
     let node1_mib = node_mib(1, "MemTotal")?;
     let srv = MmServer::start("server-e2e", node1_mib, "")?;
     let (rss0, pte0) = (srv.status_kb("VmRSS")?, srv.status_kb("VmPTE")?);
+    // Events lost per phase (the anomaly check judges the sum).
+    let mut lost = Lost::new()?;
     let node0_mib = node_mib(0, "MemTotal")?;
     let len = (node0_mib as usize * 3 / 2) << 20;
     println!(
@@ -376,6 +378,7 @@ pub fn e2e() -> Result<()> {
         Content::Compressible,
     )?;
     let on_node = agree(&srv, "after demotion", Books::FromEvents)?;
+    lost.phase("demotion of the workload")?;
     // What measuring costs mm-server: it reads every page placed on node
     // 1 through the on-demand window, which maps only those.
     srv.measured()?;
@@ -439,6 +442,7 @@ pub fn e2e() -> Result<()> {
         Content::Compressible,
     )?;
     let resident = agree(&srv, "after rewriting", Books::FromEvents)?;
+    lost.phase("rewrite (promotions)")?;
 
     let m = srv.metrics()?;
     let get = |k: &str| metrics::sample(&m, k).unwrap_or(f64::NAN);
@@ -456,8 +460,13 @@ pub fn e2e() -> Result<()> {
         || "verdict latency histogram misses verdicts".into(),
     )?;
 
+    let exiting = where_are(&mem)?.1;
     drop(mem);
     agree(&srv, "after the workload exited", Books::MayResync)?;
+    lost.phase(&format!("exit ({exiting} pages on node 1 freed)"))?;
+    storm()?;
+    lost.phase("64-thread write storm")?;
+    println!("server-e2e: events lost per phase: {}", lost.report());
     let (start, spanned) = (
         srv.node1("node_start_pfn")?,
         srv.node1("node_spanned_pages")?,
@@ -485,6 +494,83 @@ pub fn e2e() -> Result<()> {
          it ({} pages) and detached it",
         info.spanned_pages
     );
+    Ok(())
+}
+
+/// The kernel's `events_lost` and `events_folded` counters, per phase.
+struct Lost {
+    last: (u64, u64),
+    phases: Vec<(String, u64, u64)>,
+}
+
+impl Lost {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            last: (stat("events_lost")?, stat("events_folded")?),
+            phases: Vec::new(),
+        })
+    }
+
+    fn phase(&mut self, name: &str) -> Result<()> {
+        let now = (stat("events_lost")?, stat("events_folded")?);
+        self.phases
+            .push((name.to_string(), now.0 - self.last.0, now.1 - self.last.1));
+        self.last = now;
+        Ok(())
+    }
+
+    fn report(&self) -> String {
+        self.phases
+            .iter()
+            .map(|(n, l, f)| format!("{n}: {l} lost, {f} frees folded"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// 64 threads rewrite a 32 MiB region demoted to node 1, each its own
+/// slice, all at once: a storm of write faults, promotions and frees.
+fn storm() -> Result<()> {
+    const LEN: usize = 32 << 20;
+    const THREADS: usize = 64;
+    let cg = Cgroup::enter("mm-guest-storm")?;
+    let mut mem = Anon::new(LEN)?;
+    sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
+    fill(mem.as_mut_slice(), 0x5707, Content::Compressible);
+    cg.leave()?;
+    cg.reclaim(2 * LEN);
+    let before = where_are(&mem)?.1;
+    ensure(before > pages(LEN) / 2, || {
+        format!(
+            "the storm's region was not demoted: {before} of {} pages on node 1",
+            pages(LEN)
+        )
+    })?;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for (k, slice) in mem.as_mut_slice().chunks_mut(LEN / THREADS).enumerate() {
+            s.spawn(move || {
+                let first = k * (LEN / THREADS) / PAGE_SIZE;
+                for (j, page) in slice.chunks_mut(PAGE_SIZE).enumerate() {
+                    page_content(first + j, 0x5708, Content::Compressible, page);
+                }
+            });
+        }
+    });
+    let after = where_are(&mem)?.1;
+    println!(
+        "server-e2e: write storm: {THREADS} threads rewrote a {} MiB region with {before} pages on node 1 in {:.1} s; {after} left there",
+        LEN >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    intact(
+        "server-e2e: after the storm",
+        &mem,
+        0x5708,
+        Content::Compressible,
+    )?;
+    drop(mem);
+    drop(cg);
     Ok(())
 }
 

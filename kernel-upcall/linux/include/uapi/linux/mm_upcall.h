@@ -160,7 +160,7 @@ struct mm_upcall_io_cmd {
 
 /* Asynchronous events, read(2) from the device. */
 #define MM_UPCALL_EV_PLACED		1
-#define MM_UPCALL_EV_FREED		2
+#define MM_UPCALL_EV_FREED		2	/* count: 0, or a range of pages */
 #define MM_UPCALL_EV_PROMOTED		3
 #define MM_UPCALL_EV_OVERFLOW		4	/* count: events dropped */
 #define MM_UPCALL_EV_PING		5	/* count: cookie of a PING */
@@ -179,7 +179,7 @@ struct mm_upcall_event {
 	__u32	tgid;		/* PLACED: as in the descriptor, 0 if unknown */
 	__u64	pfn;		/* PROMOTED: pfn on the managed node */
 	__u64	vaddr;		/* PLACED: 0 when unknown */
-	__u64	count;		/* OVERFLOW: events lost; PING: cookie */
+	__u64	count;		/* OVERFLOW: lost; PING: cookie; FREED: pages */
 };
 
 /*

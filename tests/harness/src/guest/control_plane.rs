@@ -231,7 +231,8 @@ fn window() -> Result<()> {
     sys::set_mempolicy(libc::MPOL_DEFAULT, -1);
     let cache_pfn = pfn_at(shm as usize)?;
 
-    let mut t = Transport::open(&Config::default()).context("open the device as the server")?;
+    let mut t =
+        crate::upcall::open_retry(&Config::default()).context("open the device as the server")?;
     let info = crate::node::attach(&mut t, NODE)?
         .map_err(|e| anyhow::anyhow!("ATTACH_NODE 1: {}", errno_name(e)))?;
     let end = info.start_pfn + info.spanned_pages;
@@ -390,7 +391,8 @@ fn parked_fetches_of_a_killed_server() -> Result<()> {
 fn attach_racing_mmap() -> Result<()> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     const RUN: Duration = Duration::from_secs(10);
-    let mut t = Transport::open(&Config::default()).context("open the device as the server")?;
+    let mut t =
+        crate::upcall::open_retry(&Config::default()).context("open the device as the server")?;
     let dev = t.device().try_clone()?;
     let stop = AtomicBool::new(false);
     let (maps, mapped) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -464,7 +466,8 @@ fn node_offset(nid: u32) -> u64 {
 }
 
 fn passed_descriptor() -> Result<()> {
-    let mut t = Transport::open(&Config::default()).context("open the device as the server")?;
+    let mut t =
+        crate::upcall::open_retry(&Config::default()).context("open the device as the server")?;
     let out = t.control_sync(Control::AttachNode {
         nid: NODE,
         credit_pages: CREDIT,
@@ -865,7 +868,9 @@ fn restarts_with_fragmented_node_0() -> Result<()> {
     // Node 1 managed first, so that nothing the kernel allocates can go
     // there: it stays managed while no server runs.
     {
-        let mut t = Transport::open(&Config::default()).context("open the device")?;
+        // The previous part's server may still be going away (its ring
+        // is torn down asynchronously): EBUSY is retried a while.
+        let mut t = crate::upcall::open_retry(&Config::default()).context("open the device")?;
         crate::node::attach(&mut t, NODE)?
             .map_err(|e| anyhow::anyhow!("ATTACH_NODE 1: {}", errno_name(e)))?;
     }
@@ -1029,7 +1034,8 @@ fn pid_namespace() -> Result<()> {
 }
 
 fn descriptor_mapping() -> Result<()> {
-    let t = Transport::open(&Config::default()).context("open the device as the server")?;
+    let t =
+        crate::upcall::open_retry(&Config::default()).context("open the device as the server")?;
     let len = 4096;
     let off = raw::desc_offset(0);
     let mut failures = Vec::new();

@@ -7,15 +7,18 @@
 //! The socket is served by its own thread from a [`Snapshot`] the event
 //! loop publishes, so a slow or hostile client never delays a verdict.
 //! Every connection has a read timeout and a thread of its own, at most
-//! [`MAX_CLIENTS`] at a time.
+//! [`MAX_CLIENTS`] at a time.  When all are taken, a new client does not
+//! get `Busy` while another waits: the connection that has waited longest
+//! for its next frame (idle, trickling, or not reading its reply) is
+//! closed to make room.  Only connections being answered at that moment
+//! are never closed, and `Busy` goes out only when all are.
 
 use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mm_upcall_proto::DecodeError;
 use mm_upcall_proto::socket::{
@@ -65,15 +68,14 @@ pub fn spawn_for(listener: UnixListener, snapshot: Published, allowed_uid: u32) 
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
-            let active = Arc::new(AtomicUsize::new(0));
+            let conns = Arc::new(Conns::default());
             for conn in listener.incoming() {
                 let Ok(mut s) = conn else {
                     // EMFILE and the like: do not spin.
                     std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
                 };
-                if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                    active.fetch_sub(1, Ordering::AcqRel);
+                let Some(id) = conns.admit(&s) else {
                     let _ = send(
                         &mut s,
                         Frame::Error {
@@ -82,23 +84,78 @@ pub fn spawn_for(listener: UnixListener, snapshot: Published, allowed_uid: u32) 
                         },
                     );
                     continue;
-                }
+                };
                 let snap = Arc::clone(&snapshot);
-                let act = Arc::clone(&active);
+                let cs = Arc::clone(&conns);
                 let spawned = std::thread::Builder::new()
                     .name("admin-client".into())
                     .spawn(move || {
-                        if let Err(e) = client(&mut s, &snap, allowed_uid) {
+                        let waiting = |w: bool| cs.set_waiting(id, w);
+                        if let Err(e) = client(&mut s, &snap, allowed_uid, &waiting) {
                             tracing::debug!("admin client: {e}");
                         }
-                        act.fetch_sub(1, Ordering::AcqRel);
+                        cs.remove(id);
                     });
                 if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::AcqRel);
+                    conns.remove(id);
                 }
             }
         })
         .map(|_| ())
+}
+
+/// The connections being served.
+#[derive(Default)]
+struct Conns {
+    inner: Mutex<ConnsInner>,
+}
+
+#[derive(Default)]
+struct ConnsInner {
+    next_id: u64,
+    /// Id, a handle to close it, and since when it waits for a frame
+    /// (`None` while it is being answered).
+    list: Vec<(u64, UnixStream, Option<Instant>)>,
+}
+
+impl Conns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnsInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Take a slot for `s`, closing the connection that has waited
+    /// longest if all are taken; `None` when every one is being answered.
+    fn admit(&self, s: &UnixStream) -> Option<u64> {
+        let handle = s.try_clone().ok()?;
+        let mut g = self.lock();
+        if g.list.len() >= MAX_CLIENTS {
+            let (k, _) = g
+                .list
+                .iter()
+                .enumerate()
+                .filter_map(|(k, c)| c.2.map(|since| (k, since)))
+                .min_by_key(|&(_, since)| since)?;
+            let (_, victim, _) = g.list.swap_remove(k);
+            // Its thread's read (or write) ends; the thread then leaves.
+            let _ = victim.shutdown(std::net::Shutdown::Both);
+        }
+        let id = g.next_id;
+        g.next_id += 1;
+        g.list.push((id, handle, Some(Instant::now())));
+        Some(id)
+    }
+
+    fn set_waiting(&self, id: u64, waiting: bool) {
+        if let Some(c) = self.lock().list.iter_mut().find(|c| c.0 == id) {
+            c.2 = waiting.then(Instant::now);
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().list.retain(|c| c.0 != id);
+    }
 }
 
 fn send(s: &mut UnixStream, f: Frame) -> io::Result<()> {
@@ -162,7 +219,15 @@ pub fn metrics_frame(text: &str) -> Vec<u8> {
     out
 }
 
-fn client(s: &mut UnixStream, snap: &Mutex<Arc<Snapshot>>, allowed_uid: u32) -> io::Result<()> {
+/// Serve one connection; `waiting(true)` when it starts waiting for a
+/// frame (it may then be closed for a newcomer), `waiting(false)` while a
+/// frame is answered.
+fn client(
+    s: &mut UnixStream,
+    snap: &Mutex<Arc<Snapshot>>,
+    allowed_uid: u32,
+    waiting: &dyn Fn(bool),
+) -> io::Result<()> {
     s.set_read_timeout(Some(READ_TIMEOUT))?;
     s.set_write_timeout(Some(READ_TIMEOUT))?;
     if crate::sys::peer_uid(s)? != allowed_uid {
@@ -170,7 +235,10 @@ fn client(s: &mut UnixStream, snap: &Mutex<Arc<Snapshot>>, allowed_uid: u32) -> 
     }
     let mut hello = false;
     loop {
-        let frame = match read_frame(s)? {
+        waiting(true);
+        let next = read_frame(s)?;
+        waiting(false);
+        let frame = match next {
             None => return Ok(()),
             Some(Ok(f)) => f,
             Some(Err(DecodeError::BadVersion { .. })) => {

@@ -204,3 +204,50 @@ fn a_second_server_cannot_take_a_live_socket() {
     admin::bind(&stale).unwrap();
     std::fs::remove_file(&stale).unwrap();
 }
+
+/// `MAX_CLIENTS` connections that said HELLO and then nothing, and one
+/// that trickles half a frame, do not lock a new client out: the
+/// connection that has waited longest for a frame is closed for it.
+#[test]
+fn idle_and_trickling_clients_cannot_lock_others_out() {
+    let path = server("crowd");
+    let mut idle = Vec::new();
+    for _ in 0..admin::MAX_CLIENTS - 1 {
+        let mut s = UnixStream::connect(&path).unwrap();
+        send(
+            &mut s,
+            Frame::Hello {
+                min_version: 1,
+                max_version: 1,
+                features: 0,
+            },
+        );
+        assert!(matches!(reply(&mut s), Frame::HelloReply { .. }));
+        idle.push(s);
+    }
+    // The last slot: a client trickling the first bytes of a header.
+    let mut trickler = UnixStream::connect(&path).unwrap();
+    trickler.write_all(&[0u8; 3]).unwrap();
+    for round in 0..3 {
+        let mut c = AdminClient::connect(&path)
+            .unwrap_or_else(|e| panic!("round {round}: a new client was refused: {e:#}"));
+        assert!(c.metrics().is_ok(), "round {round}");
+    }
+    // At least the first newcomer needed room (the later ones may find
+    // the slot of an earlier one free): the clients that made it were
+    // closed and read end of file.
+    let mut closed = 0;
+    for s in idle.iter_mut().chain(std::iter::once(&mut trickler)) {
+        s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        if matches!(s.read(&mut b), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 1,
+        "no waiting client was closed for the newcomers"
+    );
+    std::fs::remove_file(&path).unwrap();
+}

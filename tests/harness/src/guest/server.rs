@@ -354,6 +354,14 @@ pub fn e2e() -> Result<()> {
     let (rss0, pte0) = (srv.status_kb("VmRSS")?, srv.status_kb("VmPTE")?);
     // Events lost per phase (the anomaly check judges the sum).
     let mut lost = Lost::new()?;
+    // Failed promotions, which only the storm may cause (see main.rs).
+    let failed_promotions = || -> Result<(u64, u64)> {
+        Ok((
+            stat("promote_failed")?,
+            stat("copied_after_failed_promotion")?,
+        ))
+    };
+    let failed0 = failed_promotions()?;
     let node0_mib = node_mib(0, "MemTotal")?;
     let len = (node0_mib as usize * 3 / 2) << 20;
     println!(
@@ -464,7 +472,23 @@ pub fn e2e() -> Result<()> {
     drop(mem);
     agree(&srv, "after the workload exited", Books::MayResync)?;
     lost.phase(&format!("exit ({exiting} pages on node 1 freed)"))?;
+    let failed = failed_promotions()?;
+    ensure(failed == failed0, || {
+        format!(
+            "promotions failed before the storm: promote_failed +{}, \
+             copied_after_failed_promotion +{}",
+            failed.0 - failed0.0,
+            failed.1 - failed0.1
+        )
+    })?;
     storm()?;
+    let after = failed_promotions()?;
+    println!(
+        "server-e2e: write storm: promote_failed +{}, copied_after_failed_promotion +{} (the \
+         fault copies the page when its promotion fails)",
+        after.0 - failed.0,
+        after.1 - failed.1
+    );
     lost.phase("64-thread write storm")?;
     println!("server-e2e: events lost per phase: {}", lost.report());
     let (start, spanned) = (

@@ -105,6 +105,29 @@ fn core() -> Core {
     c
 }
 
+/// Decode every descriptor, decide with `decide` (the clock advancing
+/// 1 ms per batch), encode the COMMIT_AND_FETCH.
+fn decide_all(
+    b: &mut criterion::Bencher<'_>,
+    descs: &[[u8; 56]],
+    mut decide: impl FnMut(&Upcall, u64) -> Verdict,
+) {
+    let mut now = 0u64;
+    b.iter(|| {
+        now += 1_000_000;
+        for d in descs {
+            let r = Request::decode(black_box(d)).unwrap();
+            let cmd = IoCommand::CommitAndFetch {
+                q_id: 0,
+                slot: 0,
+                seq: r.seq,
+                verdict: decide(&r.upcall, now),
+            };
+            black_box(cmd.to_raw());
+        }
+    });
+}
+
 fn bench(c: &mut Criterion) {
     let descs = descs();
     let mut g = c.benchmark_group("verdict");
@@ -124,40 +147,12 @@ fn bench(c: &mut Criterion) {
         })
     });
     let mut p = policy();
-    let mut now = 0u64;
     g.bench_function("decode+decide+encode", |b| {
-        b.iter(|| {
-            now += 1_000_000;
-            for d in &descs {
-                let r = Request::decode(black_box(d)).unwrap();
-                let v = p.decide(&r.upcall, now);
-                let cmd = IoCommand::CommitAndFetch {
-                    q_id: 0,
-                    slot: 0,
-                    seq: r.seq,
-                    verdict: v,
-                };
-                black_box(cmd.to_raw());
-            }
-        })
+        decide_all(b, &descs, |u, now| p.decide(u, now));
     });
     let mut core = core();
-    let mut now = 0u64;
     g.bench_function("decode+core+encode", |b| {
-        b.iter(|| {
-            now += 1_000_000;
-            for d in &descs {
-                let r = Request::decode(black_box(d)).unwrap();
-                let v = core.upcall(&r.upcall, now);
-                let cmd = IoCommand::CommitAndFetch {
-                    q_id: 0,
-                    slot: 0,
-                    seq: r.seq,
-                    verdict: v,
-                };
-                black_box(cmd.to_raw());
-            }
-        })
+        decide_all(b, &descs, |u, now| core.upcall(u, now));
     });
     g.finish();
 }

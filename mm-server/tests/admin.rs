@@ -82,6 +82,17 @@ fn send(s: &mut UnixStream, f: Frame) {
     s.write_all(&buf[..n]).unwrap();
 }
 
+fn hello(s: &mut UnixStream) {
+    send(
+        s,
+        Frame::Hello {
+            min_version: 1,
+            max_version: 1,
+            features: 0,
+        },
+    );
+}
+
 fn reply(s: &mut UnixStream) -> Frame {
     let mut buf = vec![0u8; HEADER_SIZE];
     s.read_exact(&mut buf).unwrap();
@@ -159,14 +170,7 @@ fn hostile_clients_get_errors_not_hangs() {
     // Hints are not served yet: a clear Unsupported, and the connection
     // stays usable.
     let mut s = UnixStream::connect(&path).unwrap();
-    send(
-        &mut s,
-        Frame::Hello {
-            min_version: 1,
-            max_version: 1,
-            features: 0,
-        },
-    );
+    hello(&mut s);
     assert!(matches!(
         reply(&mut s),
         Frame::HelloReply { version: 1, .. }
@@ -214,14 +218,7 @@ fn idle_and_trickling_clients_cannot_lock_others_out() {
     let mut idle = Vec::new();
     for _ in 0..admin::MAX_CLIENTS - 1 {
         let mut s = UnixStream::connect(&path).unwrap();
-        send(
-            &mut s,
-            Frame::Hello {
-                min_version: 1,
-                max_version: 1,
-                features: 0,
-            },
-        );
+        hello(&mut s);
         assert!(matches!(reply(&mut s), Frame::HelloReply { .. }));
         idle.push(s);
     }

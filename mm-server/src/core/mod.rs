@@ -240,9 +240,7 @@ impl Core {
             Upcall::Ping { .. } => self.metrics.pings += 1,
         }
         let v = match *upcall {
-            Upcall::DemoteCredit { nid, wanted_pages } => {
-                self.credit_request(nid, wanted_pages, now)
-            }
+            Upcall::DemoteCredit { nid, .. } => self.credit_request(upcall, nid, now),
             Upcall::WriteFault(Fault { nid, .. })
             | Upcall::HintFault {
                 fault: Fault { nid, .. },
@@ -291,26 +289,25 @@ impl Core {
             && now >= self.foreign_credit_until
     }
 
-    fn credit_request(&mut self, nid: u16, wanted: u64, now: u64) -> Verdict {
+    /// A credit request: the policy sizes the grant (its chunk, its
+    /// decision counters), once the core allows credit at all.
+    fn credit_request(&mut self, upcall: &Upcall, nid: u16, now: u64) -> Verdict {
         let Some(i) = self.node_index(nid) else {
-            self.policy.decisions.unknown_node += 1;
-            return Verdict::Deny;
+            return self.policy.decide_with(upcall, None, now);
         };
-        let chunk = self.policy.config().credit_chunk_pages;
-        let want = wanted.max(chunk).min(u64::from(u32::MAX));
-        let got = self.grant(i, want, now);
-        let n = &mut self.nodes[i];
-        if got == 0 {
-            self.policy.decisions.deny += 1;
-            n.muted = true;
-            n.counters.denials += 1;
-            Verdict::Deny
+        let v = if self.credit_allowed(i, now) {
+            self.policy
+                .decide_with(upcall, Some(&mut self.nodes[i].account), now)
         } else {
-            self.policy.decisions.grant += 1;
-            self.policy.decisions.granted_pages += got;
-            n.muted = false;
-            Verdict::Grant { pages: got as u32 }
+            self.policy.decisions.deny += 1;
+            Verdict::Deny
+        };
+        let n = &mut self.nodes[i];
+        n.muted = v == Verdict::Deny;
+        if n.muted {
+            n.counters.denials += 1;
         }
+        v
     }
 
     /// Grant up to `want` pages of credit to node `i` (0 when not allowed

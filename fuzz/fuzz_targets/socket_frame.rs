@@ -1,7 +1,9 @@
 //! Frames a (possibly hostile) client sends to the server's socket.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mm_upcall_proto::socket::{Frame, HEADER_SIZE, MAX_FRAME_SIZE, metrics_text};
+use mm_upcall_proto::socket::{
+    Frame, HEADER_SIZE, MAX_FRAME_SIZE, PageResidency, metrics_text, residency_pages,
+};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((frame, used)) = Frame::decode(data) {
@@ -10,6 +12,13 @@ fuzz_target!(|data: &[u8]| {
             // The one variable-length payload: the text follows the header.
             assert_eq!(used, HEADER_SIZE + len as usize);
             assert!(metrics_text(&data[..used]).is_some());
+            return;
+        }
+        if let Frame::ResidencyReply { count } = frame {
+            // Records follow the header, whole.
+            let recs = residency_pages(&data[..used]).expect("decoded records");
+            assert_eq!(recs.len(), count as usize);
+            assert_eq!(used, HEADER_SIZE + recs.len() * size_of::<PageResidency>());
             return;
         }
         let mut buf = [0u8; MAX_FRAME_SIZE];

@@ -219,3 +219,60 @@ pub fn poll_hung_up(dev: BorrowedFd<'_>) -> bool {
     matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
         && fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
 }
+
+// move_pages() passes addresses as u64: they must be pointer-sized.
+const _: () = assert!(size_of::<u64>() == size_of::<*const u8>());
+
+/// `MPOL_MF_MOVE`: move only pages mapped by this one process.
+const MPOL_MF_MOVE: libc::c_int = 1 << 1;
+
+/// `move_pages(2)` on process `pid` (0: the caller): with `node`, move
+/// each page of `addrs` there (the server may name a node it attached,
+/// which nobody else may); without, only ask where each page is.  Each
+/// `status` entry is the page's node afterwards, or a negative errno
+/// (`-ENOENT` not present, `-EFAULT` not mapped, `-EBUSY`/`-EACCES`/`-EPERM`
+/// not movable there).  Only pages mapped by that process alone move
+/// (`MPOL_MF_MOVE`).
+///
+/// Returns the number of pages that could not be moved (the syscall's
+/// result).
+///
+/// # Errors
+///
+/// The call as a whole failed: `ESRCH` (no such process), `EPERM` (not
+/// allowed to move its pages), `EACCES` (the node may not be named),
+/// `ENOMEM`, `EINVAL`.
+///
+/// # Panics
+///
+/// `status` is not as long as `addrs`.
+pub fn move_pages(
+    pid: u32,
+    addrs: &[u64],
+    node: Option<i32>,
+    status: &mut [i32],
+) -> std::io::Result<usize> {
+    assert_eq!(addrs.len(), status.len());
+    let nodes: Option<Vec<libc::c_int>> = node.map(|n| vec![n; addrs.len()]);
+    status.fill(i32::MIN);
+    // SAFETY: `addrs` (as an array of pointers: u64 and pointers have the
+    // same size here), `nodes` and `status` are arrays of `addrs.len()`
+    // elements that outlive the call; the kernel only reads the first two
+    // and writes the third.  The addresses are in the target process and
+    // are never dereferenced here.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            libc::pid_t::try_from(pid).unwrap_or(libc::pid_t::MAX),
+            addrs.len() as libc::c_ulong,
+            addrs.as_ptr(),
+            nodes.as_ref().map_or(std::ptr::null(), |n| n.as_ptr()),
+            status.as_mut_ptr(),
+            if node.is_some() { MPOL_MF_MOVE } else { 0 },
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}

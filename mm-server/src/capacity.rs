@@ -230,6 +230,9 @@ pub struct NodeAccount {
     /// the command ran): still reserved at the worst case, consumed first
     /// by credited placements, released after a grace period.
     retiring: u64,
+    /// Pages reserved for the server's own moves onto the node (`Cold`
+    /// advice) that have not arrived yet (each reserves `worst`).
+    moving: u64,
     resident: u64,
     /// Sum of [`pfn_hash`] over the resident pfns: the set, comparable
     /// with one computed from `/proc/kpageflags`.
@@ -274,6 +277,7 @@ impl NodeAccount {
             used: 0,
             credit: 0,
             retiring: 0,
+            moving: 0,
             resident: 0,
             set_hash: 0,
             zero_pages: 0,
@@ -294,9 +298,9 @@ impl NodeAccount {
     }
 
     /// Physical bytes reserved for credit not yet used (live and
-    /// retiring).
+    /// retiring) and for the server's moves in flight.
     pub fn reserved(&self) -> u64 {
-        (self.credit + self.retiring) * u64::from(self.worst)
+        (self.credit + self.retiring + self.moving) * u64::from(self.worst)
     }
 
     /// Credit being retired (see [`Self::retire`]).
@@ -353,7 +357,7 @@ impl NodeAccount {
     /// if the credit is spent on pages like those it holds.  Pressure and
     /// eviction are judged on this.
     pub fn projected(&self) -> u64 {
-        self.used + (self.credit + self.retiring) * self.expected_cost()
+        self.used + (self.credit + self.retiring + self.moving) * self.expected_cost()
     }
 
     /// Pressure from [`Self::projected`] against the watermarks.
@@ -393,6 +397,13 @@ impl NodeAccount {
     ///
     /// Nothing is granted at or above the high watermark.
     pub fn grant(&mut self, want: u64) -> u64 {
+        let n = self.room(want);
+        self.credit += n;
+        n
+    }
+
+    /// Up to `want` pages within both bounds of [`Self::grant`].
+    fn room(&self, want: u64) -> u64 {
         let high = self.geometry.mark(self.geometry.high);
         if self.projected() >= high {
             return 0;
@@ -401,9 +412,46 @@ impl NodeAccount {
         let expected = self.expected_cost();
         let safe = self.geometry.capacity.saturating_sub(self.committed()) / worst;
         let planned = high.saturating_sub(self.projected()) / expected;
-        let n = want.min(safe).min(planned);
-        self.credit += n;
+        want.min(safe).min(planned)
+    }
+
+    /// Reserve room for up to `want` pages the server is about to move
+    /// onto the node itself (`move_pages(2)` for `Cold` advice), within
+    /// the bounds of [`Self::grant`].  Returns the pages reserved: move no
+    /// more.  Arrivals (`PLACED`, reason `MIGRATION`) consume the
+    /// reservation ([`Self::move_arrived`]); [`Self::end_moves`] releases
+    /// what is left once no move is in flight.
+    pub fn reserve_moves(&mut self, want: u64) -> u64 {
+        let n = self.room(want);
+        self.moving += n;
         n
+    }
+
+    /// `pages` the server moved arrived; they are charged by
+    /// [`Self::placed`] like any placement.
+    pub fn move_arrived(&mut self, pages: u64) {
+        self.moving = self.moving.saturating_sub(pages);
+    }
+
+    /// No move is in flight and every event of the last one was applied:
+    /// release the rest of the reservations (pages that did not move).
+    pub fn end_moves(&mut self) {
+        self.moving = 0;
+    }
+
+    /// Pages reserved for moves in flight.
+    pub fn moving(&self) -> u64 {
+        self.moving
+    }
+
+    /// The measured compressed size of resident page `pfn` in bytes
+    /// (rounded to the device's granule; 0 for an all-zero page), or
+    /// `None` when it is not resident, not measured yet, or writable in
+    /// place.
+    pub fn size_of(&self, pfn: u64) -> Option<u32> {
+        let i = usize::try_from(pfn.checked_sub(self.start_pfn)?).ok()?;
+        let m = *self.pages.get(i)?;
+        (m.state() == PageState::Measured).then(|| m.granules() * self.geometry.granule)
     }
 
     /// Take back credit the kernel will not use (a DENY, a SET_CREDIT to a

@@ -6,6 +6,10 @@
 //! queue_depth = 64            # slots, 1..=1024
 //! timeout_ms = 1000           # longest wait on us, 1..=60000
 //! admin_socket = "/run/mm-server.sock"
+//! client_socket = "/run/mm-upcall/client.sock"   # applications' advice, mode 0660
+//! client_group = "mm-upcall"  # group that may use it (default: root's only)
+//! client_requests_per_s = 1000       # per uid
+//! client_advise_mib_per_s = 4096     # bytes advised per second, per uid
 //! drain_timeout_ms = 30000    # eviction time on SIGTERM before detaching
 //! detach_on_stop = true       # false: leave the node managed for the next server
 //!
@@ -75,6 +79,12 @@ pub enum ConfigError {
     Timeout(u32),
     #[error("server.drain_timeout_ms must be at most 600000, got {0}")]
     DrainTimeout(u32),
+    #[error("server.client_requests_per_s and server.client_advise_mib_per_s must be at least 1")]
+    ClientLimits,
+    #[error(
+        "server.client_group {0:?} is not a group of /etc/group; create it (groupadd) or give a gid"
+    )]
+    ClientGroup(String),
     #[error("policy.hot_window_ms must be 10..=3600000, got {0}")]
     HotWindow(u32),
     #[error("policy.fast_nodes is empty: name the node(s) pages are promoted to, nearest first")]
@@ -102,6 +112,15 @@ fn default_timeout() -> u32 {
 }
 fn default_admin() -> PathBuf {
     PathBuf::from("/run/mm-server.sock")
+}
+fn default_client() -> PathBuf {
+    PathBuf::from("/run/mm-upcall/client.sock")
+}
+fn default_client_rps() -> u32 {
+    1000
+}
+fn default_client_mibps() -> u64 {
+    4096
 }
 fn default_true() -> bool {
     true
@@ -151,6 +170,20 @@ pub struct ServerSection {
     /// and the only way a compressed device never becomes ordinary memory.
     #[serde(default = "default_true")]
     pub detach_on_stop: bool,
+    /// The client socket (applications' advice), mode 0660; its directory
+    /// is created if missing.
+    #[serde(default = "default_client")]
+    pub client_socket: PathBuf,
+    /// The group (name or number) that may use the client socket; unset:
+    /// root's group.
+    #[serde(default)]
+    pub client_group: Option<String>,
+    /// Client socket requests per second, per uid.
+    #[serde(default = "default_client_rps")]
+    pub client_requests_per_s: u32,
+    /// Bytes advised through the client socket per second, per uid, in MiB.
+    #[serde(default = "default_client_mibps")]
+    pub client_advise_mib_per_s: u64,
 }
 
 impl Default for ServerSection {
@@ -162,6 +195,10 @@ impl Default for ServerSection {
             admin_socket: default_admin(),
             drain_timeout_ms: default_drain(),
             detach_on_stop: true,
+            client_socket: default_client(),
+            client_group: None,
+            client_requests_per_s: default_client_rps(),
+            client_advise_mib_per_s: default_client_mibps(),
         }
     }
 }
@@ -292,6 +329,12 @@ impl Config {
         if self.server.drain_timeout_ms > 600_000 {
             return Err(ConfigError::DrainTimeout(self.server.drain_timeout_ms));
         }
+        if self.server.client_requests_per_s == 0 || self.server.client_advise_mib_per_s == 0 {
+            return Err(ConfigError::ClientLimits);
+        }
+        if let Some(g) = &self.server.client_group {
+            group_id(g, Path::new("/etc/group"))?;
+        }
         if !(10..=3_600_000).contains(&self.policy.hot_window_ms) {
             return Err(ConfigError::HotWindow(self.policy.hot_window_ms));
         }
@@ -367,6 +410,19 @@ impl Config {
         }
     }
 
+    /// The gid of `server.client_group`, if set.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::ClientGroup`]: no such group.
+    pub fn client_gid(&self) -> Result<Option<u32>, ConfigError> {
+        self.server
+            .client_group
+            .as_deref()
+            .map(|g| group_id(g, Path::new("/etc/group")))
+            .transpose()
+    }
+
     /// The policy knobs.
     pub fn policy(&self) -> PolicyConfig {
         PolicyConfig {
@@ -377,4 +433,24 @@ impl Config {
             credit_chunk_pages: self.policy.credit_chunk_pages,
         }
     }
+}
+
+/// The gid of group `name` (a number is taken as it is), from `group_file`
+/// (`/etc/group`).
+///
+/// # Errors
+///
+/// [`ConfigError::ClientGroup`]: no such group.
+pub fn group_id(name: &str, group_file: &Path) -> Result<u32, ConfigError> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    std::fs::read_to_string(group_file)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+        })
+        .ok_or_else(|| ConfigError::ClientGroup(name.to_string()))
 }

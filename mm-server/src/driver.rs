@@ -20,9 +20,10 @@
 //! the first SIGINT/SIGTERM starts) or on a fatal error.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::os::fd::AsFd as _;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -33,7 +34,7 @@ use mm_upcall_kernel::{Completion, ControlOutcome, CtrlToken, NodeMap, PAGE_SIZE
 
 use crate::capacity::{self, NodeAccount};
 use crate::config::Config;
-use crate::core::{CmdId, Core, CoreConfig, Phase};
+use crate::core::{CmdId, Core, CoreConfig, MoveRefused, Phase};
 use crate::metrics::Snapshot;
 
 /// Features the server needs from the kernel.
@@ -51,6 +52,149 @@ const DRAIN_WAIT: Duration = Duration::from_millis(10);
 const STOP_TOKEN: u32 = 0;
 /// Token of the device's watch (events queued).
 const EVENTS_TOKEN: u32 = 1;
+/// Token of the client requests' wake-up socket.
+const REQUESTS_TOKEN: u32 = 2;
+/// How long a client thread waits for the loop to answer it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a client-socket thread asks of the core; the loop answers between
+/// two turns, after reading the kernel's events.
+#[derive(Debug)]
+enum Request {
+    BeginMove {
+        nid: u16,
+        pages: u64,
+        reply: mpsc::SyncSender<Result<(u64, bool), MoveRefused>>,
+    },
+    EndMove {
+        nid: u16,
+    },
+    Sizes {
+        nid: u16,
+        pfns: Vec<u64>,
+        reply: mpsc::SyncSender<Vec<Option<u32>>>,
+    },
+}
+
+/// How client-socket threads reach the core, which the loop owns: a
+/// request queue and a socket whose byte wakes the loop.  Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CoreHandle {
+    tx: mpsc::Sender<Request>,
+    wake: Arc<UnixStream>,
+    /// The managed nodes (`Cold` moves go to the first).
+    pub managed: Vec<u16>,
+    /// The node `Hot` moves go to.
+    pub fast: u16,
+}
+
+impl CoreHandle {
+    /// A **fake loop** for host tests of the client socket: a thread
+    /// answers the requests from `core`, with no kernel and no clock (time
+    /// stands at `now`).
+    ///
+    /// # Errors
+    ///
+    /// The socket pair or the thread could not be created.
+    pub fn fake_loop(mut core: Core, now: u64) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let (wake, _) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        let handle = Self {
+            tx,
+            wake: Arc::new(wake),
+            managed: core.nodes().iter().map(|n| n.nid).collect(),
+            fast: core.fast_nodes()[0],
+        };
+        std::thread::Builder::new()
+            .name("fake-loop".into())
+            .spawn(move || {
+                while let Ok(r) = rx.recv() {
+                    answer(&mut core, r, now);
+                }
+            })?;
+        Ok(handle)
+    }
+}
+
+/// Answer one client request from the core.
+fn answer(core: &mut Core, r: Request, now: u64) {
+    match r {
+        Request::BeginMove { nid, pages, reply } => {
+            // Each successful begin is ended by the thread: a thread that
+            // timed out still sends EndMove.
+            let _ = reply.send(core.begin_move(nid, pages, now));
+        }
+        Request::EndMove { nid } => core.end_move(nid),
+        Request::Sizes { nid, pfns, reply } => {
+            let sizes = pfns.iter().map(|&p| core.page_size(nid, p)).collect();
+            let _ = reply.send(sizes);
+        }
+    }
+}
+
+/// The loop's end of a [`CoreHandle`].
+struct Inbox {
+    rx: mpsc::Receiver<Request>,
+    wake: UnixStream,
+}
+
+impl CoreHandle {
+    fn send(&self, r: Request) -> std::io::Result<()> {
+        self.tx
+            .send(r)
+            .map_err(|_| std::io::Error::other("mm-server is stopping"))?;
+        // A full socket already holds a wake-up: nothing is lost.
+        match (&*self.wake).write(&[1]) {
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn wait<T>(rx: &mpsc::Receiver<T>) -> std::io::Result<T> {
+        rx.recv_timeout(REQUEST_TIMEOUT).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "mm-server's loop did not answer (stopping or overloaded)",
+            )
+        })
+    }
+
+    /// Reserve room on node `nid` for moving up to `pages` pages there
+    /// ([`Core::begin_move`]); end every successful call with
+    /// [`Self::end_move`], after the move.
+    ///
+    /// # Errors
+    ///
+    /// The loop is stopping or did not answer in time.
+    pub fn begin_move(
+        &self,
+        nid: u16,
+        pages: u64,
+    ) -> std::io::Result<Result<(u64, bool), MoveRefused>> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Request::BeginMove { nid, pages, reply })?;
+        Self::wait(&rx)
+    }
+
+    /// The move begun by [`Self::begin_move`] ended (its pages' events are
+    /// queued: the loop reads them before releasing the reservation).
+    pub fn end_move(&self, nid: u16) {
+        // A stopping loop releases everything anyway.
+        let _ = self.send(Request::EndMove { nid });
+    }
+
+    /// The measured sizes of pages `pfns` of managed node `nid`.
+    ///
+    /// # Errors
+    ///
+    /// The loop is stopping or did not answer in time.
+    pub fn sizes(&self, nid: u16, pfns: Vec<u64>) -> std::io::Result<Vec<Option<u32>>> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Request::Sizes { nid, pfns, reply })?;
+        Self::wait(&rx)
+    }
+}
 
 /// The metrics snapshot the admin socket serves: replaced on every tick;
 /// readers clone the `Arc` under the lock and render outside it.
@@ -152,6 +296,10 @@ pub struct Driver {
     /// Control commands with the kernel: ring token to the core's id.
     tokens: HashMap<CtrlToken, CmdId>,
     stop: UnixStream,
+    inbox: Inbox,
+    handle: CoreHandle,
+    /// The requests' socket polled readable.
+    requests_waiting: bool,
     published: Published,
     epoch: Instant,
     page: Box<[u8; PAGE_SIZE]>,
@@ -199,16 +347,35 @@ impl Driver {
         stop.set_nonblocking(true).context("signal pipe")?;
         t.watch(stop.as_fd(), STOP_TOKEN)?;
         t.watch_events(EVENTS_TOKEN)?;
+        let (tx, rx) = mpsc::channel();
+        let (wake_r, wake_w) = UnixStream::pair().context("client request socket")?;
+        wake_r.set_nonblocking(true)?;
+        wake_w.set_nonblocking(true)?;
+        t.watch(wake_r.as_fd(), REQUESTS_TOKEN)?;
+        let handle = CoreHandle {
+            tx,
+            wake: Arc::new(wake_w),
+            managed: core.nodes().iter().map(|n| n.nid).collect(),
+            fast: core.fast_nodes()[0],
+        };
         Ok(Self {
             t,
             core,
             maps,
             tokens: HashMap::new(),
             stop,
+            inbox: Inbox { rx, wake: wake_r },
+            handle,
+            requests_waiting: false,
             published,
             epoch,
             page: Box::new([0u8; PAGE_SIZE]),
         })
+    }
+
+    /// The handle client-socket threads reach the core with.
+    pub fn handle(&self) -> CoreHandle {
+        self.handle.clone()
     }
 
     fn now(&self) -> u64 {
@@ -238,6 +405,11 @@ impl Driver {
             self.read_events()?;
             let now = self.now();
             self.core.events_applied(now);
+            if std::mem::take(&mut self.requests_waiting) {
+                // After the events: a move's PLACED reports are in the
+                // books before its reservation is released.
+                self.requests()?;
+            }
             if let Some(why) = self.core.take_fatal() {
                 bail!(why);
             }
@@ -299,6 +471,11 @@ impl Driver {
                         self.core.signal(count.max(1), now);
                         self.t.watch(self.stop.as_fd(), STOP_TOKEN)?;
                     }
+                    REQUESTS_TOKEN => {
+                        crate::sys::drain_signals(&self.inbox.wake);
+                        self.requests_waiting = true;
+                        self.t.watch(self.inbox.wake.as_fd(), REQUESTS_TOKEN)?;
+                    }
                     EVENTS_TOKEN => {
                         if mm_upcall_kernel::poll_hung_up(self.t.device().as_fd()) {
                             bail!("the kernel tore the server down (the event queue hung up)");
@@ -310,6 +487,15 @@ impl Driver {
                     _ => {}
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Answer the client threads' requests.
+    fn requests(&mut self) -> Result<()> {
+        let now = self.now();
+        while let Ok(r) = self.inbox.rx.try_recv() {
+            answer(&mut self.core, r, now);
         }
         Ok(())
     }

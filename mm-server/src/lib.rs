@@ -13,11 +13,13 @@
 
 pub mod admin;
 pub mod capacity;
+pub mod clients;
 pub mod config;
 pub mod core;
 pub mod driver;
 pub mod metrics;
 pub mod policy;
+pub mod serve;
 pub mod sys;
 
 pub use mm_upcall_proto as proto;

@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use mm_server::admin::{self, AdminClient};
+use mm_server::admin;
+use mm_server::clients;
 use mm_server::config::Config;
 use mm_server::driver::{Driver, Published};
 use mm_server::metrics::Snapshot;
 use mm_server::sys;
+use mm_upcall_client::AdminClient;
 
 /// The mm-upcall user-mode memory manager.
 #[derive(Debug, Parser)]
@@ -83,6 +85,28 @@ fn serve(cfg: &Config) -> Result<()> {
          or raise RLIMIT_MEMLOCK",
     )?;
     admin::spawn(listener, snapshot).context("cannot start the admin socket thread")?;
+    let sock = &cfg.server.client_socket;
+    if let Some(dir) = sock.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.is_dir()
+    {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the client socket's directory {}",
+                dir.display()
+            )
+        })?;
+    }
+    let gid = cfg.client_gid()?;
+    let client_listener = clients::bind(sock, gid)
+        .with_context(|| format!("cannot create the client socket {}", sock.display()))?;
+    let _client_socket = RemoveOnDrop(sock.clone());
+    let limits = clients::Limits {
+        requests_per_s: cfg.server.client_requests_per_s,
+        advise_bytes_per_s: cfg.server.client_advise_mib_per_s << 20,
+    };
+    clients::spawn(client_listener, driver.handle(), limits)
+        .context("cannot start the client socket thread")?;
     driver.run()?;
     tracing::info!("stopped");
     Ok(())

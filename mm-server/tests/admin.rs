@@ -6,8 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use mm_server::admin::{self, AdminClient};
+use mm_server::admin;
 use mm_server::metrics::{self, NodeCounters, NodeGauges, Snapshot};
+use mm_upcall_client::AdminClient;
 use mm_upcall_proto::socket::{ErrorCode, Frame, HEADER_SIZE, MAX_FRAME_SIZE};
 
 fn snapshot() -> Snapshot {
@@ -167,8 +168,8 @@ fn hostile_clients_get_errors_not_hangs() {
     let n = Frame::MetricsReply { len: 1 << 20 }.encode(&mut buf);
     expect_error(&buf[..n], ErrorCode::BadFrame);
 
-    // Hints are not served yet: a clear Unsupported, and the connection
-    // stays usable.
+    // Advice is for the client socket: a clear Unsupported, and the
+    // connection stays usable.
     let mut s = UnixStream::connect(&path).unwrap();
     hello(&mut s);
     assert!(matches!(
@@ -177,7 +178,7 @@ fn hostile_clients_get_errors_not_hangs() {
     ));
     send(
         &mut s,
-        Frame::Query {
+        Frame::Residency {
             pid: 0,
             addr: 0,
             len: 4096,

@@ -21,19 +21,23 @@ pub const MAX_VERSION: u16 = 1;
 pub mod op {
     pub const HELLO: u16 = 1;
     pub const HELLO_REPLY: u16 = 2;
-    pub const HINT: u16 = 3;
-    pub const QUERY: u16 = 4;
-    pub const QUERY_REPLY: u16 = 5;
+    pub const ADVISE: u16 = 3;
+    pub const RESIDENCY: u16 = 4;
+    pub const RESIDENCY_REPLY: u16 = 5;
     pub const STATS: u16 = 6;
     pub const STATS_REPLY: u16 = 7;
     pub const OK: u16 = 8;
     pub const ERROR: u16 = 9;
     pub const METRICS: u16 = 10;
     pub const METRICS_REPLY: u16 = 11;
+    pub const ADVISE_REPLY: u16 = 12;
 }
 
 /// Longest text a `MetricsReply` may carry.
 pub const MAX_METRICS_TEXT: usize = 1 << 20;
+/// Most pages one `Advise` or `Residency` request may cover (64 MiB of
+/// 4 KiB pages); the client library splits longer ranges.
+pub const MAX_REQUEST_PAGES: u64 = 16384;
 
 macro_rules! record {
     ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }) => {
@@ -77,11 +81,11 @@ record!(
 );
 
 record!(
-    /// `Hint` payload.
-    HintRec {
+    /// `Advise` payload.
+    AdviseRec {
         /// Target process; 0 = the caller.
         pid: u32,
-        kind: u32,
+        advice: u32,
         addr: u64,
         len: u64,
         reserved: u64,
@@ -89,8 +93,24 @@ record!(
 );
 
 record!(
-    /// `Query` payload.
-    QueryRec {
+    /// `AdviseReply` payload: what the server did with the range.
+    AdviseReplyRec {
+        /// Pages in the range.
+        pages: u64,
+        /// Pages the server moved (to the compressed node for `Cold`,
+        /// off it for `Hot`).
+        moved: u64,
+        /// Pages already where the advice wants them.
+        already: u64,
+        /// Pages not moved: not present, not movable (pinned, shared, file
+        /// pages), or no room on the compressed node.
+        skipped: u64,
+    }
+);
+
+record!(
+    /// `Residency` payload.
+    ResidencyRec {
         pid: u32,
         reserved: u32,
         addr: u64,
@@ -99,14 +119,19 @@ record!(
 );
 
 record!(
-    /// `QueryReply` payload: where the pages of a range live.
-    QueryReplyRec {
-        pages: u64,
-        resident: u64,
-        on_managed: u64,
-        compressed_bytes: u64,
+    /// One page of a `ResidencyReply`.
+    PageResidency {
+        /// The page's NUMA node, or a negative errno: `-ENOENT` not
+        /// present (never touched, or swapped out), `-EFAULT` not mapped.
+        node: i32,
+        /// On a compressed node, the page's measured compressed size in
+        /// bytes; [`SIZE_UNKNOWN`] elsewhere or not measured yet.
+        bytes: u32,
     }
 );
+
+/// [`PageResidency::bytes`] of a page with no measured size.
+pub const SIZE_UNKNOWN: u32 = u32::MAX;
 
 record!(
     /// `StatsReply` payload: server counters.
@@ -136,38 +161,46 @@ record!(
     }
 );
 
-/// An application hint about a range of its memory.
+/// Advice about a range of memory, after `madvise(2)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HintKind {
-    /// Keep in fast memory: never demote.
-    PinFast,
-    /// Cold: demote first.
+pub enum Advice {
+    /// Undo earlier advice: the kernel and the server decide as usual.
+    Normal,
+    /// Move the range off the compressed node now.
+    Hot,
+    /// Move the range to the compressed node now, within the server's
+    /// capacity.
     Cold,
-    /// Never place on a compressed node.
-    NeverCompress,
-    /// Forget earlier hints for the range.
-    Clear,
+    /// Move the range off the compressed node now and keep it off while
+    /// the advice stands.  The client library keeps it off by locking the
+    /// range (`mlock(2)`); the server only moves it.
+    KeepFast,
 }
 
-impl HintKind {
+impl Advice {
     pub fn code(self) -> u32 {
         match self {
-            HintKind::PinFast => 1,
-            HintKind::Cold => 2,
-            HintKind::NeverCompress => 3,
-            HintKind::Clear => 4,
+            Advice::Normal => 1,
+            Advice::Hot => 2,
+            Advice::Cold => 3,
+            Advice::KeepFast => 4,
         }
     }
 
-    fn from_code(v: u32) -> Result<Self, DecodeError> {
+    /// The advice of a wire code.
+    ///
+    /// # Errors
+    ///
+    /// [`DecodeError::Unknown`] for a code no advice has.
+    pub fn from_code(v: u32) -> Result<Self, DecodeError> {
         Ok(match v {
-            1 => HintKind::PinFast,
-            2 => HintKind::Cold,
-            3 => HintKind::NeverCompress,
-            4 => HintKind::Clear,
+            1 => Advice::Normal,
+            2 => Advice::Hot,
+            3 => Advice::Cold,
+            4 => Advice::KeepFast,
             other => {
                 return Err(DecodeError::Unknown {
-                    what: "hint kind",
+                    what: "advice",
                     value: other,
                 });
             }
@@ -231,18 +264,27 @@ pub enum Frame {
         version: u16,
         features: u64,
     },
-    Hint {
+    /// Advice about `len` bytes at `addr` of process `pid` (0: the
+    /// caller).
+    Advise {
         pid: u32,
-        kind: HintKind,
+        advice: Advice,
         addr: u64,
         len: u64,
     },
-    Query {
+    AdviseReply(AdviseReplyRec),
+    /// Where each page of `len` bytes at `addr` of process `pid` lives.
+    Residency {
         pid: u32,
         addr: u64,
         len: u64,
     },
-    QueryReply(QueryReplyRec),
+    /// `count` [`PageResidency`] records follow the header (use
+    /// [`residency_pages`]); like `MetricsReply`, [`Frame::encode`]
+    /// writes the header and the caller appends the records.
+    ResidencyReply {
+        count: u32,
+    },
     Stats,
     StatsReply(StatsRec),
     Ok,
@@ -269,9 +311,9 @@ fn payload_len(op: u16) -> Option<usize> {
     Some(match op {
         op::HELLO => core::mem::size_of::<HelloRec>(),
         op::HELLO_REPLY => core::mem::size_of::<HelloReplyRec>(),
-        op::HINT => core::mem::size_of::<HintRec>(),
-        op::QUERY => core::mem::size_of::<QueryRec>(),
-        op::QUERY_REPLY => core::mem::size_of::<QueryReplyRec>(),
+        op::ADVISE => core::mem::size_of::<AdviseRec>(),
+        op::ADVISE_REPLY => core::mem::size_of::<AdviseReplyRec>(),
+        op::RESIDENCY => core::mem::size_of::<ResidencyRec>(),
         op::STATS | op::OK => 0,
         op::STATS_REPLY => core::mem::size_of::<StatsRec>(),
         op::ERROR => core::mem::size_of::<ErrorRec>(),
@@ -285,9 +327,10 @@ impl Frame {
         match self {
             Frame::Hello { .. } => op::HELLO,
             Frame::HelloReply { .. } => op::HELLO_REPLY,
-            Frame::Hint { .. } => op::HINT,
-            Frame::Query { .. } => op::QUERY,
-            Frame::QueryReply(_) => op::QUERY_REPLY,
+            Frame::Advise { .. } => op::ADVISE,
+            Frame::AdviseReply(_) => op::ADVISE_REPLY,
+            Frame::Residency { .. } => op::RESIDENCY,
+            Frame::ResidencyReply { .. } => op::RESIDENCY_REPLY,
             Frame::Stats => op::STATS,
             Frame::StatsReply(_) => op::STATS_REPLY,
             Frame::Ok => op::OK,
@@ -341,33 +384,44 @@ impl Frame {
                     ..HelloReplyRec::default()
                 }),
             ),
-            Frame::Hint {
+            Frame::Advise {
                 pid,
-                kind,
+                advice,
                 addr,
                 len,
             } => put(
                 out,
                 op,
-                Some(&HintRec {
+                Some(&AdviseRec {
                     pid,
-                    kind: kind.code(),
+                    advice: advice.code(),
                     addr,
                     len,
                     reserved: 0,
                 }),
             ),
-            Frame::Query { pid, addr, len } => put(
+            Frame::AdviseReply(r) => put(out, op, Some(&r)),
+            Frame::Residency { pid, addr, len } => put(
                 out,
                 op,
-                Some(&QueryRec {
+                Some(&ResidencyRec {
                     pid,
                     reserved: 0,
                     addr,
                     len,
                 }),
             ),
-            Frame::QueryReply(r) => put(out, op, Some(&r)),
+            Frame::ResidencyReply { count } => {
+                let hdr = FrameHeader {
+                    magic: MAGIC,
+                    version: VERSION,
+                    op,
+                    len: count * core::mem::size_of::<PageResidency>() as u32,
+                    reserved: 0,
+                };
+                out[..HEADER_SIZE].copy_from_slice(hdr.as_bytes());
+                HEADER_SIZE
+            }
             Frame::Stats | Frame::Ok | Frame::Metrics => put::<ErrorRec>(out, op, None),
             Frame::MetricsReply { len } => {
                 let hdr = FrameHeader {
@@ -420,6 +474,18 @@ impl Frame {
                     op: h.op,
                     len: h.len,
                     expected: MAX_METRICS_TEXT as u32,
+                });
+            }
+            return Ok((h, HEADER_SIZE + h.len as usize));
+        }
+        if h.op == op::RESIDENCY_REPLY {
+            let rec = core::mem::size_of::<PageResidency>();
+            let max = MAX_REQUEST_PAGES as usize * rec;
+            if h.len as usize > max || !(h.len as usize).is_multiple_of(rec) {
+                return Err(DecodeError::BadLength {
+                    op: h.op,
+                    len: h.len,
+                    expected: max as u32,
                 });
             }
             return Ok((h, HEADER_SIZE + h.len as usize));
@@ -486,26 +552,29 @@ impl Frame {
                     features: r.features,
                 }
             }
-            op::HINT => {
-                let r: HintRec = read_prefix(p)?;
+            op::ADVISE => {
+                let r: AdviseRec = read_prefix(p)?;
                 reserved_zero("reserved", r.reserved)?;
-                Frame::Hint {
+                Frame::Advise {
                     pid: r.pid,
-                    kind: HintKind::from_code(r.kind)?,
+                    advice: Advice::from_code(r.advice)?,
                     addr: r.addr,
                     len: r.len,
                 }
             }
-            op::QUERY => {
-                let r: QueryRec = read_prefix(p)?;
+            op::ADVISE_REPLY => Frame::AdviseReply(read_prefix(p)?),
+            op::RESIDENCY => {
+                let r: ResidencyRec = read_prefix(p)?;
                 reserved_zero("reserved", r.reserved.into())?;
-                Frame::Query {
+                Frame::Residency {
                     pid: r.pid,
                     addr: r.addr,
                     len: r.len,
                 }
             }
-            op::QUERY_REPLY => Frame::QueryReply(read_prefix(p)?),
+            op::RESIDENCY_REPLY => Frame::ResidencyReply {
+                count: h.len / core::mem::size_of::<PageResidency>() as u32,
+            },
             op::STATS => Frame::Stats,
             op::STATS_REPLY => Frame::StatsReply(read_prefix(p)?),
             op::OK => Frame::Ok,
@@ -553,4 +622,14 @@ pub fn metrics_text(buf: &[u8]) -> Option<&str> {
         return None;
     }
     core::str::from_utf8(&buf[HEADER_SIZE..total]).ok()
+}
+
+/// The records of a decoded `ResidencyReply` frame (which
+/// [`Frame::decode`] checked are whole).
+pub fn residency_pages(buf: &[u8]) -> Option<&[PageResidency]> {
+    let (h, total) = Frame::decode_header(buf).ok()?;
+    if h.op != op::RESIDENCY_REPLY || buf.len() < total {
+        return None;
+    }
+    <[PageResidency]>::ref_from_bytes(&buf[HEADER_SIZE..total]).ok()
 }

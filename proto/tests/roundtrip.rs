@@ -5,7 +5,7 @@ use mm_upcall_proto::DecodeError;
 use mm_upcall_proto::control::{self, Control, HelloReply};
 use mm_upcall_proto::event::{self, Event, PlaceReason};
 use mm_upcall_proto::raw::{self, API_VERSION, CTRL_CMD_SIZE, ctrl_op, io_op};
-use mm_upcall_proto::socket::{self, ErrorCode, Frame, HintKind, MAX_FRAME_SIZE};
+use mm_upcall_proto::socket::{self, Advice, ErrorCode, Frame, MAX_FRAME_SIZE};
 use mm_upcall_proto::upcall::{Fault, Request, Upcall};
 use mm_upcall_proto::verdict::{IoCommand, Verdict};
 use proptest::prelude::*;
@@ -155,11 +155,11 @@ fn control() -> impl Strategy<Value = Control> {
 }
 
 fn frame() -> impl Strategy<Value = Frame> {
-    let kind = prop_oneof![
-        Just(HintKind::PinFast),
-        Just(HintKind::Cold),
-        Just(HintKind::NeverCompress),
-        Just(HintKind::Clear)
+    let advice = prop_oneof![
+        Just(Advice::Normal),
+        Just(Advice::Hot),
+        Just(Advice::Cold),
+        Just(Advice::KeepFast)
     ];
     let code = prop_oneof![
         Just(ErrorCode::BadVersion),
@@ -180,25 +180,22 @@ fn frame() -> impl Strategy<Value = Frame> {
             version: 1,
             features
         }),
-        (any::<u32>(), kind, any::<u64>(), any::<u64>()).prop_map(|(pid, kind, addr, len)| {
-            Frame::Hint {
+        (any::<u32>(), advice, any::<u64>(), any::<u64>()).prop_map(|(pid, advice, addr, len)| {
+            Frame::Advise {
                 pid,
-                kind,
+                advice,
                 addr,
                 len,
             }
         }),
-        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(pid, addr, len)| Frame::Query {
-            pid,
-            addr,
-            len
-        }),
-        any::<[u64; 4]>().prop_map(|a| Frame::QueryReply(socket::QueryReplyRec {
+        any::<[u64; 4]>().prop_map(|a| Frame::AdviseReply(socket::AdviseReplyRec {
             pages: a[0],
-            resident: a[1],
-            on_managed: a[2],
-            compressed_bytes: a[3]
+            moved: a[1],
+            already: a[2],
+            skipped: a[3]
         })),
+        (any::<u32>(), any::<u64>(), any::<u64>())
+            .prop_map(|(pid, addr, len)| { Frame::Residency { pid, addr, len } }),
         Just(Frame::Stats),
         any::<[u64; 12]>().prop_map(|a| Frame::StatsReply(socket::StatsRec {
             upcalls: a[0],
@@ -337,7 +334,7 @@ proptest! {
         prop_assume!(bit / 8 < n);
         buf[bit / 8] ^= 1 << (bit % 8);
         if let Ok((d, used)) = Frame::decode(&buf[..n])
-            && !matches!(d, Frame::MetricsReply { .. })
+            && !matches!(d, Frame::MetricsReply { .. } | Frame::ResidencyReply { .. })
         {
             let mut again = [0u8; MAX_FRAME_SIZE];
             let m = d.encode(&mut again);
@@ -644,6 +641,42 @@ fn metrics_reply_carries_its_text() {
     huge[8..12].copy_from_slice(&((socket::MAX_METRICS_TEXT + 1) as u32).to_ne_bytes());
     assert!(matches!(
         Frame::decode_header(&huge),
+        Err(DecodeError::BadLength { .. })
+    ));
+}
+
+#[test]
+fn residency_reply_carries_whole_records() {
+    let pages = [
+        socket::PageResidency {
+            node: 1,
+            bytes: 1234,
+        },
+        socket::PageResidency {
+            node: -2,
+            bytes: socket::SIZE_UNKNOWN,
+        },
+    ];
+    let body = pages.as_bytes();
+    let mut buf = vec![0u8; socket::HEADER_SIZE + body.len()];
+    Frame::ResidencyReply { count: 2 }.encode(&mut buf);
+    buf[socket::HEADER_SIZE..].copy_from_slice(body);
+    assert_eq!(
+        Frame::decode(&buf),
+        Ok((Frame::ResidencyReply { count: 2 }, buf.len()))
+    );
+    assert_eq!(socket::residency_pages(&buf), Some(&pages[..]));
+    // A partial record, or more than a request may cover: rejected.
+    let mut bad = buf.clone();
+    bad[8..12].copy_from_slice(&12u32.to_ne_bytes());
+    assert!(matches!(
+        Frame::decode_header(&bad),
+        Err(DecodeError::BadLength { .. })
+    ));
+    let too_many = (socket::MAX_REQUEST_PAGES as u32 + 1) * 8;
+    bad[8..12].copy_from_slice(&too_many.to_ne_bytes());
+    assert!(matches!(
+        Frame::decode_header(&bad),
         Err(DecodeError::BadLength { .. })
     ));
 }

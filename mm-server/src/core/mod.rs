@@ -47,6 +47,9 @@ pub const MAX_EVICTIONS_IN_FLIGHT: usize = 128;
 /// this long: demotions on the credit of the server before it may still
 /// report.
 pub const RETIRE_GRACE_NS: u64 = S;
+/// Longest a move waiting for the kernel's credit to be taken back holds
+/// credit off (see [`Core::begin_move`]).
+pub const MOVE_WAIT_NS: u64 = 10 * S;
 /// How long eviction waits for the measurement backlog.
 const EVICT_PATIENCE_NS: u64 = S;
 /// How long a pfn the kernel would not evict is left alone.
@@ -74,6 +77,16 @@ enum Cmd {
     SetCredit { node: usize, pages: u64 },
     Evict { node: usize, pfn: u64 },
     Detach { node: usize },
+}
+
+/// Why [`Core::begin_move`] reserved nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveRefused {
+    /// The node is not one of ours.
+    NotManaged,
+    /// Not now: the books are being rebuilt, the node is evicting, the
+    /// server is draining or has just started.
+    NotNow,
 }
 
 /// Where the server is in its life.
@@ -282,6 +295,16 @@ impl Core {
     /// an eviction runs, the server is draining, or the server before us
     /// may still have demotions in flight.
     fn credit_allowed(&self, i: usize, now: u64) -> bool {
+        self.placement_allowed(i, now)
+            && self.nodes[i]
+                .moves_waiting_until
+                .is_none_or(|until| now >= until)
+    }
+
+    /// Whether anything may be placed on node `i` now: credit, and the
+    /// server's own moves.  Credit also waits for moves that asked the
+    /// kernel's credit back.
+    fn placement_allowed(&self, i: usize, now: u64) -> bool {
         let n = &self.nodes[i];
         !self.draining()
             && !n.rebuilding()
@@ -317,6 +340,71 @@ impl Core {
             return 0;
         }
         self.nodes[i].account.grant(want)
+    }
+
+    // ---- the server's own moves (client advice) -------------------------
+
+    /// Reserve room on managed node `nid` for moving up to `want` pages
+    /// there (`Cold` advice): returns how many the mover may move, and
+    /// whether more room is being made (ask again shortly).  Each reserved
+    /// page is held at the worst case, as credit is, until it arrives or
+    /// [`Core::end_move`] releases it.
+    ///
+    /// The room may be promised to the kernel as demotion credit: then
+    /// the credit is taken back (`SET_CREDIT` 0; it stays reserved for the
+    /// grace period of [`RETIRE_GRACE_NS`] after the command), and no
+    /// credit is granted until the moves end or [`MOVE_WAIT_NS`] passes.
+    ///
+    /// # Errors
+    ///
+    /// [`MoveRefused`]: the node is not managed, or no placement is
+    /// allowed now (books being rebuilt, evicting, draining, or just
+    /// started).
+    pub fn begin_move(
+        &mut self,
+        nid: u16,
+        want: u64,
+        now: u64,
+    ) -> Result<(u64, bool), MoveRefused> {
+        let i = self.node_index(nid).ok_or(MoveRefused::NotManaged)?;
+        if !self.placement_allowed(i, now) {
+            return Err(MoveRefused::NotNow);
+        }
+        let n = &mut self.nodes[i];
+        let got = n.account.reserve_moves(want);
+        n.moves += 1;
+        let short = got < want;
+        let more = short && (n.account.credit() > 0 || n.account.retiring() > 0);
+        if more {
+            n.moves_waiting_until = Some(now + MOVE_WAIT_NS);
+            if n.account.credit() > 0 {
+                n.account.retire();
+                n.muted = true;
+                self.set_credit(i, 0);
+            }
+        }
+        Ok((got, more))
+    }
+
+    /// A move begun with [`Core::begin_move`] ended, and every event
+    /// queued until then was applied: with no other move in flight, what
+    /// was reserved and did not arrive is released.
+    pub fn end_move(&mut self, nid: u16) {
+        if let Some(i) = self.node_index(nid) {
+            let n = &mut self.nodes[i];
+            n.moves = n.moves.saturating_sub(1);
+            if n.moves == 0 {
+                n.account.end_moves();
+                n.moves_waiting_until = None;
+            }
+        }
+    }
+
+    /// The measured compressed size of page `pfn` of managed node `nid`
+    /// (see [`NodeAccount::size_of`]).
+    pub fn page_size(&self, nid: u16, pfn: u64) -> Option<u32> {
+        let i = self.node_index(nid)?;
+        self.nodes[i].account.size_of(pfn)
     }
 
     // ---- events -----------------------------------------------------
@@ -375,6 +463,12 @@ impl Core {
                         n.counters.demoted += pages;
                     } else {
                         n.counters.placed_other += pages;
+                    }
+                    if reason == PlaceReason::Migration {
+                        // Ours, if a move is in flight (compaction on the
+                        // node also says MIGRATION: it then uses up a
+                        // reservation early, which only reserves less).
+                        n.account.move_arrived(pages);
                     }
                     n.drain_checked = false;
                 }

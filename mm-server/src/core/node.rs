@@ -68,6 +68,12 @@ pub struct Node {
     /// Drain: a RESYNC was started to show the node empty, and no page
     /// was seen since.
     pub drain_checked: bool,
+    /// The server's own moves onto the node in flight (`Cold` advice).
+    pub moves: u32,
+    /// A move found too little room and the kernel's credit was taken
+    /// back for it: no credit is granted until this time (ns), or until
+    /// the moves end.
+    pub moves_waiting_until: Option<u64>,
 }
 
 impl Node {
@@ -93,6 +99,8 @@ impl Node {
             release_retired_at: None,
             evict_waiting_since: None,
             drain_checked: false,
+            moves: 0,
+            moves_waiting_until: None,
         }
     }
 

@@ -88,15 +88,35 @@ fn build_guest_profile(release: bool) -> Result<PathBuf> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
         .args(["build", "--quiet", "-p", "xtask", "--bin", "mm-guest"])
-        // The guest runs the real daemon too.
-        .args(["-p", "mm-server", "--bin", "mm-server"]);
+        // The guest runs the real daemon too, mmctl and the C library.
+        .args(["-p", "mm-server", "--bin", "mm-server"])
+        .args(["-p", "mm-upcall-client", "--bin", "mmctl"])
+        .args(["-p", "mm-upcall-client-capi"]);
     if release {
         cmd.arg("--release");
     }
     util::run(&mut cmd).context("cannot build mm-guest")?;
-    Ok(target_dir()
-        .join(if release { "release" } else { "debug" })
-        .join("mm-guest"))
+    let dir = target_dir().join(if release { "release" } else { "debug" });
+    build_c_example(&dir)?;
+    Ok(dir.join("mm-guest"))
+}
+
+/// Build the C example of the hint API, `client-lib/examples/hints.c`,
+/// against `libmmclient.so` in `dir` (as `dir/mm-hints`, which the `hints`
+/// scenario runs): warnings are errors.
+fn build_c_example(dir: &std::path::Path) -> Result<()> {
+    let root = workspace_root();
+    let mut cc = Command::new("cc");
+    cc.args(["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2", "-o"])
+        .arg(dir.join("mm-hints"))
+        .arg(root.join("client-lib/examples/hints.c"))
+        .arg("-I")
+        .arg(root.join("client-lib/capi/include"))
+        .arg("-L")
+        .arg(dir)
+        .arg("-lmmclient")
+        .arg(format!("-Wl,-rpath,{}", dir.display()));
+    util::run(&mut cc).context("cannot build the C example client-lib/examples/hints.c")
 }
 
 /// The scenarios `mm-guest` knows, in the order `xtask test` runs them.

@@ -9,6 +9,7 @@
 
 mod bad_input;
 mod bench;
+mod clients;
 mod control_plane;
 mod fence;
 mod holes;
@@ -48,6 +49,8 @@ pub const SCENARIOS: &[&str] = &[
     "server-e2e",
     "server-restart",
     "capacity-adversarial",
+    "hints",
+    "client-auth",
 ];
 
 fn run(scenario: &str) -> Result<()> {
@@ -72,6 +75,8 @@ fn run(scenario: &str) -> Result<()> {
         "server-e2e" => server::e2e(),
         "server-restart" => server::restart(),
         "capacity-adversarial" => server::adversarial(),
+        "hints" => clients::hints(),
+        "client-auth" => clients::client_auth(),
         // Benchmarks (`xtask bench <name>`), not part of the test list.
         "bench-upcall" => bench::upcall(),
         "bench-fault" => bench::fault(),
@@ -207,6 +212,15 @@ fn main() {
         };
         if let Err(e) = served {
             println!("mm-guest: server {mode}: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if scenario == "--client-helper" {
+        // The processes of `client-auth`.
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        if let Err(e) = clients::helper(&args) {
+            println!("mm-guest: client helper {args:?}: {e:#}");
             std::process::exit(1);
         }
         return;

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mm_server::admin::AdminClient;
 use mm_server::metrics;
+use mm_upcall_client::AdminClient;
 
 use crate::managed::{kpageflags_truth, pages, where_are};
 use crate::sys::{self, Anon, Cgroup, PAGE_SIZE, ensure};
@@ -31,6 +31,8 @@ pub struct MmServer {
     child: Child,
     name: String,
     sock: PathBuf,
+    /// Its client socket (group 65534, `nogroup`).
+    pub client_sock: PathBuf,
     /// Its stderr, also copied to the console as it comes.
     log: Arc<Mutex<String>>,
 }
@@ -43,13 +45,16 @@ impl MmServer {
         let dir = PathBuf::from("/tmp");
         let cfg = dir.join(format!("{name}.toml"));
         let sock = dir.join(format!("{name}.sock"));
+        let client_sock = dir.join(format!("{name}-client.sock"));
         let notify = dir.join(format!("{name}.notify"));
         std::fs::write(
             &cfg,
             format!(
-                "[server]\nadmin_socket = \"{}\"\ntimeout_ms = 10000\ndrain_timeout_ms = {}\n\n\
+                "[server]\nadmin_socket = \"{}\"\nclient_socket = \"{}\"\nclient_group = \"65534\"\n\
+                 timeout_ms = 10000\ndrain_timeout_ms = {}\n\n\
                  [[node]]\nnid = 1\ncapacity_mib = {capacity_mib}\n{node_extra}\n",
                 sock.display(),
+                client_sock.display(),
                 DRAIN_TIMEOUT_S * 1000
             ),
         )?;
@@ -101,6 +106,7 @@ impl MmServer {
             child,
             name: name.to_string(),
             sock,
+            client_sock,
             log,
         })
     }
@@ -115,7 +121,7 @@ impl MmServer {
     }
 
     pub fn metrics(&self) -> Result<String> {
-        AdminClient::connect(&self.sock)?.metrics()
+        Ok(AdminClient::connect(&self.sock)?.metrics()?)
     }
 
     /// One sample of the metrics (`name` with its labels).

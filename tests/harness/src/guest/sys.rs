@@ -358,3 +358,53 @@ pub fn enter_new_pid_namespace() -> Result<()> {
         }
     }
 }
+
+/// `CAP_SYS_NICE`.
+pub const CAP_SYS_NICE: u32 = 23;
+
+/// Become uid `uid` and gid `gid` with no supplementary groups, keeping
+/// only the capabilities `keep` (effective and permitted).
+pub fn drop_to(uid: u32, gid: u32, keep: &[u32]) -> Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mask: u64 = keep.iter().fold(0, |m, &c| m | 1 << c);
+    let hdr = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: mask as u32,
+            permitted: mask as u32,
+            inheritable: 0,
+        },
+        Data {
+            effective: (mask >> 32) as u32,
+            permitted: (mask >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: plain system calls on this process's credentials; capset
+    // reads a header and two data records that live across the call.
+    unsafe {
+        if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0
+            || libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(gid, gid, gid) != 0
+            || libc::setresuid(uid, uid, uid) != 0
+            || libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) != 0
+        {
+            bail!("cannot become uid {uid}: {}", io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! Scenarios of the hint API: `hints` (the C example through
+//! `libmmclient.so`: Cold, Hot, KeepFast under reclaim) and `client-auth`
+//! (who may advise whom over the client socket, and the daemon serving on
+//! through refusals).
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail};
+use mm_upcall_client::{Advice, Client, Error, Page};
+use mm_upcall_proto::socket::ErrorCode;
+
+use crate::server::{Content, MmServer, check, fill};
+use crate::sys::{self, Anon, Cgroup, PAGE_SIZE, ensure};
+
+/// `nobody`/`nogroup`: the client socket's group in the scenarios.
+const NOBODY: u32 = 65534;
+
+/// `hints`: the C example maps 64 MiB; Cold puts it on node 1 with
+/// measured sizes, Hot brings it back, and a KeepFast range stays on node
+/// 0 under `memory.reclaim` that demotes its neighbours; data intact
+/// throughout (the program checks each step and exits non-zero on any
+/// failure).  Then mm-server's books equal `/proc/kpageflags`.
+pub fn hints() -> Result<()> {
+    let srv = MmServer::start("hints", 256, "")?;
+    let bin = std::env::current_exe()?.with_file_name("mm-hints");
+    let cg = Cgroup::enter("hints")?;
+    let mut child = Command::new(&bin)
+        .env("MM_UPCALL_SOCKET", &srv.client_sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    // The child stays in the cgroup; this process leaves it.
+    cg.leave()?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    let mut ready = false;
+    while out.read_line(&mut line)? > 0 {
+        print!("hints: {line}");
+        if line.contains("keepfast ready") {
+            ready = true;
+            break;
+        }
+        line.clear();
+    }
+    if !ready {
+        bail!("mm-hints stopped before KeepFast ({})", child.wait()?);
+    }
+    // Push the cgroup: with no swap, reclaim can only demote.
+    for _ in 0..8 {
+        cg.reclaim(64 << 20);
+    }
+    // While the program holds its pages: the books equal the kernel's.
+    let (books, truth) = srv.settle("after reclaim, KeepFast standing")?;
+    ensure(books == truth && books.0 > 0, || {
+        format!("mm-server's books {books:?}, /proc/kpageflags {truth:?}")
+    })?;
+    writeln!(child.stdin.as_mut().context("stdin")?, "go")?;
+    line.clear();
+    while out.read_line(&mut line)? > 0 {
+        print!("hints: {line}");
+        line.clear();
+    }
+    let st = child.wait()?;
+    ensure(st.success(), || format!("mm-hints failed ({st})"))?;
+    drop(cg);
+    srv.stop()?;
+    Ok(())
+}
+
+/// `client-auth`: a process without privilege cannot advise another
+/// process's memory (EPERM, and the error names the privilege) nor use
+/// admin frames on the client socket, nor connect to the admin socket;
+/// it may advise its own.  With `CAP_SYS_NICE` it may advise a process of
+/// its uid, still not root's.  Through all of it the daemon serves other
+/// clients and upcalls.
+pub fn client_auth() -> Result<()> {
+    let srv = MmServer::start("client-auth", 256, "")?;
+    let sock = srv.client_sock.display().to_string();
+    let exe = std::env::current_exe()?;
+    let helper = |args: &[&str]| {
+        let mut c = Command::new(&exe);
+        c.arg("--client-helper")
+            .args(args)
+            .env("MM_UPCALL_SOCKET", &sock)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        c
+    };
+    // A process of uid nobody with 8 MiB to advise.
+    let mut target = helper(&["target"]).spawn()?;
+    let mut out = BufReader::new(target.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let ["target", pid, addr] = words[..] else {
+        bail!("the target helper said {line:?}");
+    };
+    println!("client-auth: target {pid} (uid {NOBODY}) maps 8 MiB at {addr}");
+    // Root's own memory, also advised by the others.
+    let mine = Anon::new(8 << 20)?;
+    let root_pid = std::process::id().to_string();
+    let root_addr = format!("{:#x}", mine.addr());
+    for (who, args) in [
+        (
+            "unprivileged",
+            vec!["plain", pid, addr, &root_pid, &root_addr],
+        ),
+        (
+            "CAP_SYS_NICE",
+            vec!["nice", pid, addr, &root_pid, &root_addr],
+        ),
+    ] {
+        let o = helper(&args).stdin(Stdio::null()).output()?;
+        for l in String::from_utf8_lossy(&o.stdout).lines() {
+            println!("client-auth: {who}: {l}");
+        }
+        ensure(o.status.success(), || {
+            format!("the {who} helper failed ({})", o.status)
+        })?;
+    }
+    // The target's pages: on node 1 after the privileged Cold.
+    drop(target.stdin.take());
+    target.wait()?;
+    // The daemon serves on: root advises its own memory Cold, then writes
+    // it (write faults, answered by mm-server), data intact.
+    let mut mem = mine;
+    fill(mem.as_mut_slice(), 7, Content::Compressible);
+    let faults0 = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")?;
+    let mut c = Client::connect_to(&srv.client_sock)?;
+    let r = c.advise(mem.addr(), 8 << 20, Advice::Cold)?;
+    println!("client-auth: root's own Cold: {r:?}");
+    ensure(r.moved == 2048, || {
+        format!("root's Cold moved {} of 2048 pages", r.moved)
+    })?;
+    for p in mem.as_mut_slice().chunks_mut(PAGE_SIZE) {
+        p[0] = p[0].wrapping_add(1);
+        p[0] = p[0].wrapping_sub(1);
+    }
+    ensure(
+        check(mem.as_slice(), 7, Content::Compressible).is_none(),
+        || "root's data changed across Cold and the writes".into(),
+    )?;
+    let faults = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")? - faults0;
+    println!("client-auth: mm-server answered {faults} write faults after the refusals");
+    ensure(faults >= 1.0, || "mm-server answered no write fault".into())?;
+    let (books, truth) = srv.settle("after client-auth")?;
+    ensure(books == truth, || {
+        format!("mm-server's books {books:?} differ from /proc/kpageflags {truth:?}")
+    })?;
+    srv.stop()?;
+    Ok(())
+}
+
+/// Drop to uid and gid `nobody`, keeping `CAP_SYS_NICE` when `nice`.
+fn become_nobody(nice: bool) -> Result<()> {
+    sys::drop_to(
+        NOBODY,
+        NOBODY,
+        if nice { &[sys::CAP_SYS_NICE] } else { &[] },
+    )
+}
+
+/// `mm-guest --client-helper <what> ...`: the processes of `client-auth`.
+pub fn helper(args: &[String]) -> Result<()> {
+    let what = args.first().map(String::as_str).unwrap_or_default();
+    match what {
+        "target" => {
+            become_nobody(false)?;
+            let mut mem = Anon::new(8 << 20)?;
+            fill(mem.as_mut_slice(), 3, Content::Compressible);
+            println!("target {} {:#x}", std::process::id(), mem.addr());
+            std::io::stdout().flush()?;
+            // Until the scenario closes stdin.
+            let _ = std::io::stdin().read_line(&mut String::new());
+            ensure(
+                check(mem.as_slice(), 3, Content::Compressible).is_none(),
+                || "the target's data changed".into(),
+            )?;
+            Ok(())
+        }
+        "plain" | "nice" => {
+            let nice = what == "nice";
+            let [pid, addr, root_pid, root_addr] = &args[1..] else {
+                bail!("--client-helper {what} <pid> <addr> <root pid> <root addr>");
+            };
+            let num = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16);
+            let (pid, addr): (u32, u64) = (pid.parse()?, num(addr)?);
+            let (root_pid, root_addr): (u32, u64) = (root_pid.parse()?, num(root_addr)?);
+            become_nobody(nice)?;
+            advise_others(nice, pid, addr, root_pid, root_addr)
+        }
+        other => bail!("unknown client helper {other:?}"),
+    }
+}
+
+fn pidfd(pid: u32) -> Result<std::os::fd::OwnedFd> {
+    let p = rustix::process::Pid::from_raw(pid as i32).context("pid")?;
+    Ok(rustix::process::pidfd_open(
+        p,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// The text of the refusal `r` must be: `code` with `errno` (negative).
+fn refused(
+    r: std::result::Result<impl std::fmt::Debug, Error>,
+    code: ErrorCode,
+    errno: i32,
+) -> Result<String> {
+    match r {
+        Err(e @ Error::Refused { .. }) if matches!(&e, Error::Refused { code: c, errno: n, .. } if *c == code && *n == errno) => {
+            Ok(e.to_string())
+        }
+        other => bail!("expected a refusal {code:?} ({errno}), got {other:?}"),
+    }
+}
+
+fn advise_others(nice: bool, pid: u32, addr: u64, root_pid: u32, root_addr: u64) -> Result<()> {
+    let mut c = Client::connect()?;
+    let len = 8 << 20;
+    let target = pidfd(pid)?;
+    let root = pidfd(root_pid)?;
+    use std::os::fd::AsFd as _;
+    // Root's memory: refused either way (another uid, no CAP_SYS_PTRACE).
+    let e = refused(
+        c.advise_process(root.as_fd(), root_addr as usize, len, Advice::Cold),
+        ErrorCode::PermissionDenied,
+        -libc::EPERM,
+    )?;
+    println!("root's memory: refused: {e}");
+    ensure(e.contains("CAP_SYS_NICE"), || {
+        format!("the error does not name the privilege: {e}")
+    })?;
+    if nice {
+        let r = c.advise_process(target.as_fd(), addr as usize, len, Advice::Cold)?;
+        println!("the target's memory, Cold: {r:?}");
+        ensure(r.moved == 2048, || {
+            format!("Cold moved {} of 2048 pages", r.moved)
+        })?;
+        let pages = c.residency_process(target.as_fd(), addr as usize, len)?;
+        let on1 = pages.iter().filter(|p| p.node() == Some(1)).count();
+        println!("the target's memory: {on1} of 2048 pages on node 1");
+        ensure(on1 == 2048, || format!("{on1} of 2048 pages on node 1"))?;
+    } else {
+        let e = refused(
+            c.advise_process(target.as_fd(), addr as usize, len, Advice::Cold),
+            ErrorCode::PermissionDenied,
+            -libc::EPERM,
+        )?;
+        println!("the target's memory (same uid, no CAP_SYS_NICE): refused: {e}");
+        let e = refused(
+            c.residency_process(target.as_fd(), addr as usize, len),
+            ErrorCode::PermissionDenied,
+            -libc::EPERM,
+        )?;
+        println!("the target's residency: refused: {e}");
+        // Admin frames on the client socket, and the admin socket itself.
+        let admin = std::env::var("MM_UPCALL_SOCKET")?.replace("-client.sock", ".sock");
+        match mm_upcall_client::AdminClient::connect(std::path::Path::new(&admin)) {
+            Err(Error::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                println!("the admin socket: permission denied");
+            }
+            other => bail!("the admin socket let an unprivileged process in: {other:?}"),
+        }
+        // Its own memory it may advise.
+        let mut own = Anon::new(1 << 20)?;
+        fill(own.as_mut_slice(), 5, Content::Compressible);
+        let r = c.advise(own.addr(), 1 << 20, Advice::Cold)?;
+        println!("its own memory, Cold: {r:?}");
+        ensure(r.moved == 256, || {
+            format!("Cold of its own memory moved {} of 256", r.moved)
+        })?;
+        let back = c.advise(own.addr(), 1 << 20, Advice::Hot)?;
+        ensure(back.moved == 256, || {
+            format!("Hot moved {} of 256", back.moved)
+        })?;
+        ensure(
+            check(own.as_slice(), 5, Content::Compressible).is_none(),
+            || "its data changed".into(),
+        )?;
+        ensure(
+            c.residency(own.addr(), 1 << 20)?
+                .iter()
+                .all(|p| matches!(p, Page::Resident { node: 0, .. })),
+            || "its memory is not all back on node 0".into(),
+        )?;
+    }
+    Ok(())
+}

@@ -72,6 +72,37 @@ fn tier_rank(name: &str) -> u32 {
     name.trim_start_matches("memory_tier").parse().unwrap_or(0)
 }
 
+/// What a memory-only node is to the kernel.
+enum NodeUse {
+    /// Managed by mm_upcall: only its server may place pages there.
+    Isolated,
+    /// Ordinary memory: anyone may.
+    Ordinary,
+    Unknown(String),
+}
+
+/// Ask the kernel by trying: `move_pages(2)` of one of our own pages to
+/// `node` is refused (`EACCES`) on a managed node and works on ordinary
+/// memory (the page is moved back).
+fn probe_node(node: u16) -> NodeUse {
+    let page = vec![1u8; 2 * 4096];
+    let addr = (page.as_ptr() as u64).next_multiple_of(4096);
+    let mut status = [0i32];
+    match mm_upcall_kernel::move_pages(0, &[addr], Some(i32::from(node)), &mut status) {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => NodeUse::Isolated,
+        Err(e) => NodeUse::Unknown(e.to_string()),
+        Ok(_) if status[0] == i32::from(node) => {
+            let _ = mm_upcall_kernel::move_pages(0, &[addr], Some(0), &mut status);
+            NodeUse::Ordinary
+        }
+        Ok(_) if status[0] == -libc::EACCES => NodeUse::Isolated,
+        Ok(_) => NodeUse::Unknown(format!(
+            "move_pages left the page at {}",
+            std::io::Error::from_raw_os_error(-status[0])
+        )),
+    }
+}
+
 /// Run every check.
 pub fn run(admin: &Path, client: &Path) -> Vec<Check> {
     let mut out = Vec::new();
@@ -159,19 +190,36 @@ pub fn run(admin: &Path, client: &Path) -> Vec<Check> {
         });
         out.push(match &managed {
             Some(m) if m.contains(&n) => check(&name, Status::Ok, "managed by the running server"),
-            Some(_) => check(
+            Some(m) if !m.is_empty() => check(
                 &name,
                 Status::Fail,
-                "not managed by the running server: it is ordinary memory the page allocator \
-                 hands out; add [[node]] nid = N to mm-server's configuration"
-                    .replace("N", &n.to_string()),
+                format!(
+                    "not managed by the running server (it manages {m:?}): it is ordinary \
+                     memory the page allocator hands out; add [[node]] nid = {n} to mm-server's \
+                     configuration"
+                ),
             ),
-            None => check(
-                &name,
-                Status::Fail,
-                "no running server manages it (unless a dead server left it isolated, it is \
-                 ordinary memory)",
-            ),
+            _ => match probe_node(n) {
+                NodeUse::Isolated => check(
+                    &name,
+                    Status::Fail,
+                    "managed by the kernel (isolated and fenced) but no server serves it: start \
+                     mm-server to adopt it",
+                ),
+                NodeUse::Ordinary => check(
+                    &name,
+                    Status::Fail,
+                    format!(
+                        "ordinary memory: the page allocator hands it out (mmctl's own page \
+                         could be placed there); start mm-server with [[node]] nid = {n}"
+                    ),
+                ),
+                NodeUse::Unknown(e) => check(
+                    &name,
+                    Status::Fail,
+                    format!("no running server manages it, and probing it failed: {e}"),
+                ),
+            },
         });
     }
     let balancing = read("/proc/sys/kernel/numa_balancing");

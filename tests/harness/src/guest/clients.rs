@@ -120,9 +120,11 @@ pub fn client_auth() -> Result<()> {
             format!("the {who} helper failed ({})", o.status)
         })?;
     }
-    // The target's pages: on node 1 after the privileged Cold.
     drop(target.stdin.take());
-    target.wait()?;
+    let st = target.wait()?;
+    ensure(st.success(), || format!("the target's data changed ({st})"))?;
+    let sent = replay_malformed(&srv.client_sock)?;
+    println!("client-auth: {sent} malformed frames replayed, one connection each");
     // The daemon serves on: root advises its own memory Cold, then writes
     // it (write faults, answered by mm-server), data intact.
     let mut mem = mine;
@@ -290,4 +292,141 @@ fn advise_others(nice: bool, pid: u32, addr: u64, root_pid: u32, root_addr: u64)
         )?;
     }
     Ok(())
+}
+
+/// Run `mmctl` with the scenario's sockets; returns its exit code and
+/// stdout (printed).
+fn mmctl(name: &str, args: &[&str]) -> Result<(i32, String)> {
+    let bin = std::env::current_exe()?.with_file_name("mmctl");
+    let o = Command::new(&bin)
+        .arg("--socket")
+        .arg(format!("/tmp/{name}-client.sock"))
+        .arg("--admin-socket")
+        .arg(format!("/tmp/{name}.sock"))
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    for l in out
+        .lines()
+        .chain(String::from_utf8_lossy(&o.stderr).lines())
+    {
+        println!("{name}: mmctl {}: {l}", args.join(" "));
+    }
+    Ok((o.status.code().unwrap_or(-1), out))
+}
+
+/// `doctor`: `mmctl doctor` on the patched kernel names what is wrong and
+/// exits 3 with node 1 as ordinary memory and no server, exits 0 with a
+/// server, and names the node left managed by a killed server.
+pub fn doctor() -> Result<()> {
+    sys::write("/sys/kernel/mm/numa/demotion_enabled", "true")?;
+    sys::write("/proc/sys/kernel/numa_balancing", "2")?;
+    let (code, out) = mmctl("doctor", &["doctor"])?;
+    ensure(code == 3, || {
+        format!("doctor with no server exited {code}, not 3")
+    })?;
+    ensure(out.contains("FAIL server: not running"), || {
+        "doctor did not say the server is not running".into()
+    })?;
+    ensure(out.contains("FAIL node 1: ordinary memory"), || {
+        "doctor did not say node 1 is ordinary memory".into()
+    })?;
+    ensure(
+        out.contains("ok   kernel:") && out.contains("ok   node 1: in memory_tier"),
+        || "doctor did not pass the kernel and tier checks".into(),
+    )?;
+    let srv = MmServer::start("doctor", 256, "")?;
+    let (code, out) = mmctl("doctor", &["doctor"])?;
+    ensure(
+        code == 0 && !out.contains("FAIL") && !out.contains("warn"),
+        || format!("doctor with a server exited {code}"),
+    )?;
+    let (code, json) = mmctl("doctor", &["doctor", "--json"])?;
+    ensure(
+        code == 0 && json.contains("\"status\": \"ok\"") && !json.contains("\"fail\""),
+        || "doctor --json with a server".into(),
+    )?;
+    // The operator's other read commands, as root.
+    let (code, nodes) = mmctl("doctor", &["nodes", "--json"])?;
+    ensure(code == 0 && nodes.contains("\"nid\": 1"), || {
+        "mmctl nodes --json".into()
+    })?;
+    let (code, stats) = mmctl("doctor", &["stats", "--json"])?;
+    ensure(code == 0 && stats.contains("\"upcalls\""), || {
+        "mmctl stats --json".into()
+    })?;
+    let (code, _) = mmctl("doctor", &["status"])?;
+    ensure(code == 0, || format!("mmctl status exited {code}"))?;
+    srv.kill()?;
+    let (code, out) = mmctl("doctor", &["doctor"])?;
+    ensure(
+        code == 3 && out.contains("FAIL node 1: managed by the kernel"),
+        || "doctor after the server was killed did not name node 1 left managed".into(),
+    )?;
+    let (code, _) = mmctl("doctor", &["status"])?;
+    ensure(code == 4, || {
+        format!("mmctl status with no server exited {code}, not 4")
+    })?;
+    Ok(())
+}
+
+/// Replay malformed frames at a running daemon's client socket, one
+/// connection each: the fuzz seeds cut short, with each byte of their
+/// header flipped, and with huge lengths.  Each gets an answer or a
+/// closed connection, never a hang; the daemon then still serves.
+/// Returns how many were sent.
+pub fn replay_malformed(sock: &std::path::Path) -> Result<usize> {
+    use mm_upcall_proto::socket::{Frame, HEADER_SIZE, MAX_FRAME_SIZE};
+    use std::io::Read as _;
+    use std::os::unix::net::UnixStream;
+    let seeds = std::env::current_exe()?
+        .parent()
+        .and_then(|p| p.parent()?.parent())
+        .context("workspace root")?
+        .join("fuzz/seeds/socket_frame");
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    for e in std::fs::read_dir(&seeds).with_context(|| seeds.display().to_string())? {
+        let seed = std::fs::read(e?.path())?;
+        for cut in [
+            1,
+            HEADER_SIZE - 1,
+            HEADER_SIZE,
+            seed.len().saturating_sub(1),
+        ] {
+            frames.push(seed[..cut.min(seed.len())].to_vec());
+        }
+        for i in 0..HEADER_SIZE.min(seed.len()) {
+            let mut f = seed.clone();
+            f[i] ^= 0xff;
+            frames.push(f);
+        }
+        let mut huge = seed.clone();
+        if huge.len() >= 12 {
+            huge[8..12].copy_from_slice(&u32::MAX.to_ne_bytes());
+            frames.push(huge);
+        }
+    }
+    let mut hello = [0u8; MAX_FRAME_SIZE];
+    let n = Frame::Hello {
+        min_version: 1,
+        max_version: 1,
+        features: 0,
+    }
+    .encode(&mut hello);
+    for f in &frames {
+        let mut s = UnixStream::connect(sock)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        s.write_all(&hello[..n])?;
+        s.write_all(f)?;
+        // Half-close: a frame cut short ends there.
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = Vec::new();
+        match s.read_to_end(&mut reply) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => bail!("a malformed frame left the connection hanging: {e}"),
+        }
+    }
+    Ok(frames.len())
 }

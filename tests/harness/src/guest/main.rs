@@ -51,6 +51,7 @@ pub const SCENARIOS: &[&str] = &[
     "capacity-adversarial",
     "hints",
     "client-auth",
+    "doctor",
 ];
 
 fn run(scenario: &str) -> Result<()> {
@@ -77,6 +78,7 @@ fn run(scenario: &str) -> Result<()> {
         "capacity-adversarial" => server::adversarial(),
         "hints" => clients::hints(),
         "client-auth" => clients::client_auth(),
+        "doctor" => clients::doctor(),
         // Benchmarks (`xtask bench <name>`), not part of the test list.
         "bench-upcall" => bench::upcall(),
         "bench-fault" => bench::fault(),

@@ -16,9 +16,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use mm_upcall_proto::socket::{ErrorCode, Frame, HEADER_SIZE, MAX_METRICS_TEXT};
+use mm_upcall_proto::socket::{self, ErrorCode, Frame, HEADER_SIZE, MAX_METRICS_TEXT};
 
-use crate::driver::Published;
+use crate::capacity::MAX_AGE_S;
+use crate::core::{NodeRefused, RuntimePolicy};
+use crate::driver::{CoreHandle, Published};
 use crate::metrics::Snapshot;
 use crate::serve::{self, error, send};
 
@@ -42,20 +44,131 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// # Errors
 ///
 /// The thread could not be started.
-pub fn spawn(listener: UnixListener, snapshot: Published) -> io::Result<()> {
-    spawn_for(listener, snapshot, 0)
+pub fn spawn(listener: UnixListener, snapshot: Published, core: CoreHandle) -> io::Result<()> {
+    spawn_for(listener, snapshot, 0, Some(core))
 }
 
 /// As [`spawn`], for clients of uid `allowed_uid` (root: 0).  Tests give
-/// their own uid, so that every check runs whoever runs them.
+/// their own uid, so that every check runs whoever runs them; with no
+/// `core`, the commands that change things are answered `Unsupported`.
 ///
 /// # Errors
 ///
 /// The thread could not be started.
-pub fn spawn_for(listener: UnixListener, snapshot: Published, allowed_uid: u32) -> io::Result<()> {
+pub fn spawn_for(
+    listener: UnixListener,
+    snapshot: Published,
+    allowed_uid: u32,
+    core: Option<CoreHandle>,
+) -> io::Result<()> {
     serve::spawn(listener, "admin", MAX_CLIENTS, move |s, waiting| {
-        client(s, &snapshot, allowed_uid, waiting)
+        client(s, &snapshot, allowed_uid, core.as_ref(), waiting)
     })
+}
+
+type Refusal = (i32, ErrorCode);
+
+fn node_refusal(r: NodeRefused) -> Refusal {
+    match r {
+        NodeRefused::NotManaged => (-libc::ENODEV, ErrorCode::NotFound),
+        NodeRefused::Draining => (-libc::EBUSY, ErrorCode::Busy),
+        NodeRefused::Stopping => (-libc::ESHUTDOWN, ErrorCode::Busy),
+    }
+}
+
+fn loop_gone(_: io::Error) -> Refusal {
+    (-libc::EAGAIN, ErrorCode::Busy)
+}
+
+/// A command that changes things: through the server's loop.
+fn command(core: &CoreHandle, f: Frame) -> Result<Frame, Refusal> {
+    match f {
+        Frame::Drain { nid } => {
+            core.drain(nid).map_err(loop_gone)?.map_err(node_refusal)?;
+            Ok(Frame::Ok)
+        }
+        Frame::Evict(r) => evict(core, &r),
+        Frame::PolicyGet { nid } => {
+            let p = core
+                .policy_get(nid)
+                .map_err(loop_gone)?
+                .map_err(node_refusal)?;
+            let (low, high, critical) = p.watermarks;
+            Ok(Frame::Policy(socket::PolicyRec {
+                writable_budget: p.writable_budget,
+                promote_rate_limit_mbps: p.promote_rate_limit_mbps,
+                credit_chunk_pages: p.credit_chunk_pages,
+                hot_window_ms: p.hot_window_ms,
+                nid: p.nid,
+                hot_threshold: p.hot_threshold,
+                low,
+                high,
+                critical,
+                ..socket::PolicyRec::default()
+            }))
+        }
+        Frame::PolicySet(r) => {
+            let invalid = (-libc::EINVAL, ErrorCode::Invalid);
+            r.check().map_err(|_| invalid)?;
+            let p = RuntimePolicy {
+                writable_budget: r.writable_budget,
+                hot_threshold: r.hot_threshold,
+                promote_rate_limit_mbps: r.promote_rate_limit_mbps,
+                credit_chunk_pages: r.credit_chunk_pages,
+                hot_window_ms: r.hot_window_ms,
+                nid: r.nid,
+                watermarks: (r.low, r.high, r.critical),
+            };
+            core.policy_set(p).map_err(loop_gone)?.map_err(|e| {
+                tracing::warn!("policy set refused: {e}");
+                invalid
+            })?;
+            Ok(Frame::Ok)
+        }
+        _ => Err((-libc::EPROTO, ErrorCode::BadFrame)),
+    }
+}
+
+/// Most pages one `Evict` looks at.
+const MAX_AGED: usize = 1 << 22;
+
+/// Evict the old pages of one cgroup: the oldest first, at most
+/// `max_bytes`; the cgroup of each page from `/proc/kpagecgroup`.
+fn evict(core: &CoreHandle, r: &socket::EvictRec) -> Result<Frame, Refusal> {
+    use std::os::unix::fs::FileExt as _;
+    if r.min_age_s > MAX_AGE_S {
+        return Err((-libc::EINVAL, ErrorCode::Invalid));
+    }
+    let aged = core.aged(r.nid, r.min_age_s, MAX_AGED).map_err(loop_gone)?;
+    let want = (r.max_bytes / 4096) as usize;
+    let f = std::fs::File::open("/proc/kpagecgroup")
+        .map_err(|_| (-libc::ENOENT, ErrorCode::NotFound))?;
+    let mut buf = [0u8; 8];
+    let mut chosen = Vec::new();
+    for &pfn in &aged {
+        if chosen.len() >= want {
+            break;
+        }
+        if f.read_exact_at(&mut buf, pfn * 8).is_ok() && u64::from_ne_bytes(buf) == r.cgroup_ino {
+            chosen.push(pfn);
+        }
+    }
+    let pages = chosen.len() as u64;
+    core.evict(r.nid, chosen)
+        .map_err(loop_gone)?
+        .map_err(node_refusal)?;
+    tracing::info!(
+        nid = r.nid,
+        cgroup_ino = r.cgroup_ino,
+        min_age_s = r.min_age_s,
+        pages,
+        aged = aged.len(),
+        "evicting a cgroup's old pages"
+    );
+    Ok(Frame::EvictReply(socket::EvictReplyRec {
+        pages,
+        aged: aged.len() as u64,
+    }))
 }
 
 /// A whole `MetricsReply` frame with `text`, cut on a line boundary at the
@@ -85,6 +198,7 @@ fn client(
     s: &mut UnixStream,
     snap: &Mutex<Arc<Snapshot>>,
     allowed_uid: u32,
+    core: Option<&CoreHandle>,
     waiting: &dyn Fn(bool),
 ) -> io::Result<()> {
     if crate::sys::peer_uid(s)? != allowed_uid {
@@ -119,6 +233,19 @@ fn client(
             Frame::Metrics => {
                 let text = lock(snap).render();
                 s.write_all(&metrics_frame(&text))?;
+            }
+            Frame::Drain { .. }
+            | Frame::Evict(_)
+            | Frame::PolicyGet { .. }
+            | Frame::PolicySet(_) => {
+                let r = match core {
+                    Some(c) => command(c, frame),
+                    None => Err((-libc::EOPNOTSUPP, ErrorCode::Unsupported)),
+                };
+                match r {
+                    Ok(f) => send(s, f)?,
+                    Err((errno, code)) => error(s, errno, code)?,
+                }
             }
             // Application advice goes to the client socket.
             Frame::Advise { .. } | Frame::Residency { .. } => {

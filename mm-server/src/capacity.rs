@@ -119,7 +119,8 @@ pub fn pfn_hash(pfn: u64) -> u64 {
 }
 
 /// Per-page state, packed in 32 bits:
-/// `state:2 | granules:10 | heat:8 | spare:12`.
+/// `state:2 | granules:10 | heat:8 | stamp:12`, `stamp` being when the page
+/// arrived, in seconds modulo 4096 (see [`MAX_AGE_S`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(transparent)]
 pub struct PageMeta(u32);
@@ -171,7 +172,21 @@ impl PageMeta {
     fn with_heat(self, h: u8) -> Self {
         Self((self.0 & !(0xff << 12)) | (u32::from(h) << 12))
     }
+
+    /// When the page arrived, in seconds modulo 4096.
+    pub fn stamp(self) -> u32 {
+        self.0 >> 20
+    }
+
+    fn with_stamp(self, s: u32) -> Self {
+        Self((self.0 & 0x000f_ffff) | ((s & STAMP_MASK) << 20))
+    }
 }
+
+const STAMP_MASK: u32 = (1 << 12) - 1;
+/// Page ages are counted up to this many seconds; older pages all count
+/// as this old (a sweep keeps their 12-bit stamps from wrapping).
+pub const MAX_AGE_S: u32 = 2048;
 
 const _: () = assert!(size_of::<PageMeta>() == 4);
 
@@ -255,6 +270,10 @@ pub struct NodeAccount {
     /// compression, which sizes credit grants.
     measured_pages: u64,
     measured_bytes: u64,
+    /// The clock arriving pages are stamped with (seconds).
+    clock_s: u32,
+    /// Where the age sweep resumes (a block index).
+    sweep_cursor: usize,
 }
 
 impl NodeAccount {
@@ -285,11 +304,31 @@ impl NodeAccount {
             was_writable: Vec::new(),
             measured_pages: 0,
             measured_bytes: 0,
+            clock_s: 0,
+            sweep_cursor: 0,
         })
     }
 
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
+    }
+
+    /// Change the watermarks (percent of capacity) at run time.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Watermarks`] unless `0 < low < high < critical <=
+    /// 100`; nothing is changed then.
+    pub fn set_watermarks(&mut self, low: u8, high: u8, critical: u8) -> Result<(), ConfigError> {
+        let g = Geometry {
+            low,
+            high,
+            critical,
+            ..self.geometry
+        };
+        g.validate()?;
+        self.geometry = g;
+        Ok(())
     }
 
     /// Physical bytes charged for resident pages.
@@ -600,7 +639,12 @@ impl NodeAccount {
                 }
                 None => PageState::Unmeasured,
             };
-            self.store(i, PageMeta::default().with_state(state));
+            self.store(
+                i,
+                PageMeta::default()
+                    .with_state(state)
+                    .with_stamp(self.clock_s),
+            );
             self.used += u64::from(self.worst);
             self.resident += 1;
             self.set_hash = self
@@ -761,6 +805,55 @@ impl NodeAccount {
             }
             b.heated = any;
         }
+    }
+
+    /// Set the clock arriving pages are stamped with, in seconds from any
+    /// origin, and sweep `blocks` blocks' stamps so that none wraps: a
+    /// page older than [`MAX_AGE_S`] is restamped that old.  Sweeping
+    /// every block within [`MAX_AGE_S`] seconds keeps ages exact up to it.
+    pub fn set_clock(&mut self, now_s: u64, blocks: usize) {
+        self.clock_s = (now_s & u64::from(STAMP_MASK)) as u32;
+        let nblocks = self.blocks.len();
+        for _ in 0..blocks.min(nblocks) {
+            let k = self.sweep_cursor;
+            self.sweep_cursor = (k + 1) % nblocks;
+            if self.blocks[k].resident == 0 {
+                continue;
+            }
+            let end = ((k + 1) * BLOCK_PAGES).min(self.pages.len());
+            for j in k * BLOCK_PAGES..end {
+                let m = self.pages[j];
+                if m.state() != PageState::Empty && self.age_of(m) >= MAX_AGE_S {
+                    self.pages[j] = m.with_stamp(self.clock_s.wrapping_sub(MAX_AGE_S));
+                }
+            }
+        }
+    }
+
+    fn age_of(&self, m: PageMeta) -> u32 {
+        self.clock_s.wrapping_sub(m.stamp()) & STAMP_MASK
+    }
+
+    /// Resident pfns that arrived at least `min_age_s` seconds ago (ages
+    /// count up to [`MAX_AGE_S`]), at most `max`, the oldest first.
+    pub fn aged(&self, min_age_s: u32, max: usize) -> Vec<u64> {
+        let mut v: Vec<(u32, u64)> = Vec::new();
+        for (k, b) in self.blocks.iter().enumerate() {
+            if b.resident == 0 {
+                continue;
+            }
+            let end = ((k + 1) * BLOCK_PAGES).min(self.pages.len());
+            for j in k * BLOCK_PAGES..end {
+                let m = self.pages[j];
+                let age = self.age_of(m);
+                if m.state() != PageState::Empty && age >= min_age_s.min(MAX_AGE_S) {
+                    v.push((age, self.start_pfn + j as u64));
+                }
+            }
+        }
+        v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        v.truncate(max);
+        v.into_iter().map(|(_, p)| p).collect()
     }
 
     /// Heat of `pfn` (0 outside the node).

@@ -228,7 +228,12 @@ impl Client<'_> {
                     }
                 }
                 // Admin frames are on the admin socket.
-                Frame::Stats | Frame::Metrics => {
+                Frame::Stats
+                | Frame::Metrics
+                | Frame::Drain { .. }
+                | Frame::Evict(_)
+                | Frame::PolicyGet { .. }
+                | Frame::PolicySet(_) => {
                     error(s, -libc::EPERM, ErrorCode::PermissionDenied)?;
                 }
                 // Replies are not requests.

@@ -34,7 +34,7 @@ use mm_upcall_kernel::{Completion, ControlOutcome, CtrlToken, NodeMap, PAGE_SIZE
 
 use crate::capacity::{self, NodeAccount};
 use crate::config::Config;
-use crate::core::{CmdId, Core, CoreConfig, MoveRefused, Phase};
+use crate::core::{CmdId, Core, CoreConfig, MoveRefused, NodeRefused, Phase, RuntimePolicy};
 use crate::metrics::Snapshot;
 
 /// Features the server needs from the kernel.
@@ -73,6 +73,29 @@ enum Request {
         nid: u16,
         pfns: Vec<u64>,
         reply: mpsc::SyncSender<Vec<Option<u32>>>,
+    },
+    Drain {
+        nid: u16,
+        reply: mpsc::SyncSender<Result<(), NodeRefused>>,
+    },
+    Aged {
+        nid: u16,
+        min_age_s: u32,
+        max: usize,
+        reply: mpsc::SyncSender<Vec<u64>>,
+    },
+    Evict {
+        nid: u16,
+        pfns: Vec<u64>,
+        reply: mpsc::SyncSender<Result<(), NodeRefused>>,
+    },
+    PolicyGet {
+        nid: u16,
+        reply: mpsc::SyncSender<Result<RuntimePolicy, NodeRefused>>,
+    },
+    PolicySet {
+        policy: RuntimePolicy,
+        reply: mpsc::SyncSender<Result<(), &'static str>>,
     },
 }
 
@@ -130,6 +153,26 @@ fn answer(core: &mut Core, r: Request, now: u64) {
             let sizes = pfns.iter().map(|&p| core.page_size(nid, p)).collect();
             let _ = reply.send(sizes);
         }
+        Request::Drain { nid, reply } => {
+            let _ = reply.send(core.drain_node(nid, now));
+        }
+        Request::Aged {
+            nid,
+            min_age_s,
+            max,
+            reply,
+        } => {
+            let _ = reply.send(core.aged_pages(nid, min_age_s, max));
+        }
+        Request::Evict { nid, pfns, reply } => {
+            let _ = reply.send(core.evict_queued(nid, pfns, now));
+        }
+        Request::PolicyGet { nid, reply } => {
+            let _ = reply.send(core.policy_get(nid));
+        }
+        Request::PolicySet { policy, reply } => {
+            let _ = reply.send(core.policy_set(&policy, now));
+        }
     }
 }
 
@@ -182,6 +225,66 @@ impl CoreHandle {
     pub fn end_move(&self, nid: u16) {
         // A stopping loop releases everything anyway.
         let _ = self.send(Request::EndMove { nid });
+    }
+
+    /// Start draining node `nid` ([`Core::drain_node`]).
+    ///
+    /// # Errors
+    ///
+    /// The loop is stopping or did not answer in time.
+    pub fn drain(&self, nid: u16) -> std::io::Result<Result<(), NodeRefused>> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Request::Drain { nid, reply })?;
+        Self::wait(&rx)
+    }
+
+    /// Pages of node `nid` at least `min_age_s` old ([`Core::aged_pages`]).
+    ///
+    /// # Errors
+    ///
+    /// The loop is stopping or did not answer in time.
+    pub fn aged(&self, nid: u16, min_age_s: u32, max: usize) -> std::io::Result<Vec<u64>> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Request::Aged {
+            nid,
+            min_age_s,
+            max,
+            reply,
+        })?;
+        Self::wait(&rx)
+    }
+
+    /// Queue `pfns` of node `nid` for eviction ([`Core::evict_queued`]).
+    ///
+    /// # Errors
+    ///
+    /// The loop is stopping or did not answer in time.
+    pub fn evict(&self, nid: u16, pfns: Vec<u64>) -> std::io::Result<Result<(), NodeRefused>> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Request::Evict { nid, pfns, reply })?;
+        Self::wait(&rx)
+    }
+
+    /// The run-time policy ([`Core::policy_get`]).
+    ///
+    /// # Errors
+    ///
+    /// The loop is stopping or did not answer in time.
+    pub fn policy_get(&self, nid: u16) -> std::io::Result<Result<RuntimePolicy, NodeRefused>> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Request::PolicyGet { nid, reply })?;
+        Self::wait(&rx)
+    }
+
+    /// Set the run-time policy ([`Core::policy_set`]).
+    ///
+    /// # Errors
+    ///
+    /// The loop is stopping or did not answer in time.
+    pub fn policy_set(&self, policy: RuntimePolicy) -> std::io::Result<Result<(), &'static str>> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Request::PolicySet { policy, reply })?;
+        Self::wait(&rx)
     }
 
     /// The measured sizes of pages `pfns` of managed node `nid`.

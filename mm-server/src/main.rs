@@ -84,7 +84,8 @@ fn serve(cfg: &Config) -> Result<()> {
         "mlockall: the memory manager must not be paged out; run as root (CAP_IPC_LOCK) \
          or raise RLIMIT_MEMLOCK",
     )?;
-    admin::spawn(listener, snapshot).context("cannot start the admin socket thread")?;
+    admin::spawn(listener, snapshot, driver.handle())
+        .context("cannot start the admin socket thread")?;
     let sock = &cfg.server.client_socket;
     if let Some(dir) = sock.parent()
         && !dir.as_os_str().is_empty()

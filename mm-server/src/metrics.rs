@@ -81,6 +81,8 @@ pub struct NodeGauges {
     pub set_hash: u64,
     pub zero: u64,
     pub level: u8,
+    /// 0 served, 1 draining (`mmctl drain`), 2 detaching, 3 detached.
+    pub state: u8,
 }
 
 impl NodeGauges {
@@ -101,6 +103,7 @@ impl NodeGauges {
                 Level::High => 1,
                 Level::Critical => 2,
             },
+            state: 0,
         }
     }
 
@@ -420,6 +423,15 @@ impl Snapshot {
                 "mm_server_pressure_level{{nid=\"{}\"}} {}",
                 g.nid, g.level
             );
+        }
+        family(
+            &mut o,
+            "node_state",
+            "gauge",
+            "0 served, 1 draining (mmctl drain), 2 detaching, 3 detached (ordinary memory).",
+        );
+        for (g, _) in &self.nodes {
+            let _ = writeln!(o, "mm_server_node_state{{nid=\"{}\"}} {}", g.nid, g.state);
         }
         family(
             &mut o,

@@ -148,6 +148,16 @@ impl Policy {
         &self.cfg
     }
 
+    /// Replace the knobs at run time (the fast nodes stay); the promotion
+    /// rate limit starts afresh.
+    pub fn reconfigure(&mut self, cfg: PolicyConfig, now_ns: u64) {
+        self.rate = RateLimit::new(cfg.promote_rate_limit_mbps, now_ns);
+        self.cfg = PolicyConfig {
+            fast_nodes: std::mem::take(&mut self.cfg.fast_nodes),
+            ..cfg
+        };
+    }
+
     fn is_managed(&self, nid: u16) -> bool {
         self.node(nid).is_some() || self.managed.contains(&nid)
     }

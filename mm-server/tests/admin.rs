@@ -32,6 +32,7 @@ fn snapshot() -> Snapshot {
             set_hash: 0x1234,
             zero: 10,
             level: 0,
+            state: 0,
         },
         NodeCounters {
             demoted: 1024,
@@ -51,7 +52,7 @@ fn server(name: &str) -> PathBuf {
 fn server_for(name: &str, uid: u32) -> PathBuf {
     let path = std::env::temp_dir().join(format!("mm-admin-{name}-{}.sock", std::process::id()));
     let l = admin::bind(&path).unwrap();
-    admin::spawn_for(l, Arc::new(Mutex::new(Arc::new(snapshot()))), uid).unwrap();
+    admin::spawn_for(l, Arc::new(Mutex::new(Arc::new(snapshot()))), uid, None).unwrap();
     path
 }
 

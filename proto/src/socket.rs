@@ -31,6 +31,12 @@ pub mod op {
     pub const METRICS: u16 = 10;
     pub const METRICS_REPLY: u16 = 11;
     pub const ADVISE_REPLY: u16 = 12;
+    pub const DRAIN: u16 = 13;
+    pub const EVICT: u16 = 14;
+    pub const EVICT_REPLY: u16 = 15;
+    pub const POLICY_GET: u16 = 16;
+    pub const POLICY: u16 = 17;
+    pub const POLICY_SET: u16 = 18;
 }
 
 /// Longest text a `MetricsReply` may carry.
@@ -107,6 +113,88 @@ record!(
         skipped: u64,
     }
 );
+
+record!(
+    /// `Drain` and `PolicyGet` payload: a node.
+    NodeRec {
+        nid: u16,
+        reserved0: u16,
+        reserved1: u32,
+    }
+);
+
+record!(
+    /// `Evict` payload: evict pages of one memory cgroup that have been on
+    /// node `nid` at least `min_age_s` seconds, the oldest first, at most
+    /// `max_bytes` of memory.
+    EvictRec {
+        /// Inode number of the cgroup's directory (as `/proc/kpagecgroup`
+        /// reports it).
+        cgroup_ino: u64,
+        max_bytes: u64,
+        min_age_s: u32,
+        nid: u16,
+        reserved: u16,
+    }
+);
+
+record!(
+    /// `EvictReply` payload.
+    EvictReplyRec {
+        /// Pages queued for eviction.
+        pages: u64,
+        /// Pages of the node old enough (of any cgroup).
+        aged: u64,
+    }
+);
+
+record!(
+    /// `Policy` and `PolicySet` payload: the run-time policy knobs, and the
+    /// watermarks of node `nid` (percent of its capacity).
+    PolicyRec {
+        writable_budget: u64,
+        promote_rate_limit_mbps: u64,
+        credit_chunk_pages: u64,
+        hot_window_ms: u32,
+        nid: u16,
+        hot_threshold: u8,
+        low: u8,
+        high: u8,
+        critical: u8,
+        reserved0: u16,
+        reserved1: u32,
+    }
+);
+
+impl PolicyRec {
+    /// Check the knobs as the configuration file's are checked.
+    ///
+    /// # Errors
+    ///
+    /// The first problem, in the configuration's words.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !(10..=3_600_000).contains(&self.hot_window_ms) {
+            return Err("policy.hot_window_ms must be 10..=3600000");
+        }
+        if self.hot_threshold == 0 {
+            return Err("policy.hot_threshold must be at least 1");
+        }
+        if self.credit_chunk_pages == 0 {
+            return Err("policy.credit_chunk_pages must be at least 1");
+        }
+        if self.promote_rate_limit_mbps == 0 {
+            return Err("policy.promote_rate_limit_mbps must be at least 1");
+        }
+        if !(0 < self.low
+            && self.low < self.high
+            && self.high < self.critical
+            && self.critical <= 100)
+        {
+            return Err("watermarks must be 0 < low < high < critical <= 100 (percent)");
+        }
+        Ok(())
+    }
+}
 
 record!(
     /// `Residency` payload.
@@ -279,6 +367,21 @@ pub enum Frame {
         addr: u64,
         len: u64,
     },
+    /// Admin: drain node `nid` (evict everything, then detach it).
+    Drain {
+        nid: u16,
+    },
+    /// Admin: evict a cgroup's old pages.
+    Evict(EvictRec),
+    EvictReply(EvictReplyRec),
+    /// Admin: the policy, and node `nid`'s watermarks.
+    PolicyGet {
+        nid: u16,
+    },
+    Policy(PolicyRec),
+    /// Admin: set the policy and node `nid`'s watermarks (validated as the
+    /// configuration is).
+    PolicySet(PolicyRec),
     /// `count` [`PageResidency`] records follow the header (use
     /// [`residency_pages`]); like `MetricsReply`, [`Frame::encode`]
     /// writes the header and the caller appends the records.
@@ -314,6 +417,10 @@ fn payload_len(op: u16) -> Option<usize> {
         op::ADVISE => core::mem::size_of::<AdviseRec>(),
         op::ADVISE_REPLY => core::mem::size_of::<AdviseReplyRec>(),
         op::RESIDENCY => core::mem::size_of::<ResidencyRec>(),
+        op::DRAIN | op::POLICY_GET => core::mem::size_of::<NodeRec>(),
+        op::EVICT => core::mem::size_of::<EvictRec>(),
+        op::EVICT_REPLY => core::mem::size_of::<EvictReplyRec>(),
+        op::POLICY | op::POLICY_SET => core::mem::size_of::<PolicyRec>(),
         op::STATS | op::OK => 0,
         op::STATS_REPLY => core::mem::size_of::<StatsRec>(),
         op::ERROR => core::mem::size_of::<ErrorRec>(),
@@ -331,6 +438,12 @@ impl Frame {
             Frame::AdviseReply(_) => op::ADVISE_REPLY,
             Frame::Residency { .. } => op::RESIDENCY,
             Frame::ResidencyReply { .. } => op::RESIDENCY_REPLY,
+            Frame::Drain { .. } => op::DRAIN,
+            Frame::Evict(_) => op::EVICT,
+            Frame::EvictReply(_) => op::EVICT_REPLY,
+            Frame::PolicyGet { .. } => op::POLICY_GET,
+            Frame::Policy(_) => op::POLICY,
+            Frame::PolicySet(_) => op::POLICY_SET,
             Frame::Stats => op::STATS,
             Frame::StatsReply(_) => op::STATS_REPLY,
             Frame::Ok => op::OK,
@@ -401,6 +514,17 @@ impl Frame {
                 }),
             ),
             Frame::AdviseReply(r) => put(out, op, Some(&r)),
+            Frame::Drain { nid } | Frame::PolicyGet { nid } => put(
+                out,
+                op,
+                Some(&NodeRec {
+                    nid,
+                    ..NodeRec::default()
+                }),
+            ),
+            Frame::Evict(r) => put(out, op, Some(&r)),
+            Frame::EvictReply(r) => put(out, op, Some(&r)),
+            Frame::Policy(r) | Frame::PolicySet(r) => put(out, op, Some(&r)),
             Frame::Residency { pid, addr, len } => put(
                 out,
                 op,
@@ -570,6 +694,32 @@ impl Frame {
                     pid: r.pid,
                     addr: r.addr,
                     len: r.len,
+                }
+            }
+            op::DRAIN | op::POLICY_GET => {
+                let r: NodeRec = read_prefix(p)?;
+                reserved_zero("reserved0", r.reserved0.into())?;
+                reserved_zero("reserved1", r.reserved1.into())?;
+                if h.op == op::DRAIN {
+                    Frame::Drain { nid: r.nid }
+                } else {
+                    Frame::PolicyGet { nid: r.nid }
+                }
+            }
+            op::EVICT => {
+                let r: EvictRec = read_prefix(p)?;
+                reserved_zero("reserved", r.reserved.into())?;
+                Frame::Evict(r)
+            }
+            op::EVICT_REPLY => Frame::EvictReply(read_prefix(p)?),
+            op::POLICY | op::POLICY_SET => {
+                let r: PolicyRec = read_prefix(p)?;
+                reserved_zero("reserved0", r.reserved0.into())?;
+                reserved_zero("reserved1", r.reserved1.into())?;
+                if h.op == op::POLICY {
+                    Frame::Policy(r)
+                } else {
+                    Frame::PolicySet(r)
                 }
             }
             op::RESIDENCY_REPLY => Frame::ResidencyReply {

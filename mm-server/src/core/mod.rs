@@ -30,7 +30,7 @@ use mm_upcall_proto::event::{Event, PlaceReason};
 use mm_upcall_proto::upcall::{Fault, Upcall};
 use mm_upcall_proto::verdict::Verdict;
 
-pub use self::node::{Books, CreditCmd, Node, Watermark};
+pub use self::node::{Books, CreditCmd, Life, Node, Watermark};
 use crate::capacity::{AccountError, Level, NodeAccount, PageState};
 use crate::metrics::{Metrics, NodeGauges, Snapshot};
 use crate::policy::{Policy, PolicyConfig};
@@ -77,6 +77,31 @@ enum Cmd {
     SetCredit { node: usize, pages: u64 },
     Evict { node: usize, pfn: u64 },
     Detach { node: usize },
+}
+
+/// The knobs `mmctl policy` reads and sets at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimePolicy {
+    pub writable_budget: u64,
+    pub hot_threshold: u8,
+    pub promote_rate_limit_mbps: u64,
+    pub credit_chunk_pages: u64,
+    pub hot_window_ms: u32,
+    /// The node whose watermarks these are.
+    pub nid: u16,
+    /// Low, high, critical, percent of the node's capacity.
+    pub watermarks: (u8, u8, u8),
+}
+
+/// Why [`Core::drain_node`] or [`Core::evict_queued`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRefused {
+    /// The node is not one of ours.
+    NotManaged,
+    /// Drained or being drained already.
+    Draining,
+    /// The server is stopping.
+    Stopping,
 }
 
 /// Why [`Core::begin_move`] reserved nothing.
@@ -307,6 +332,7 @@ impl Core {
     fn placement_allowed(&self, i: usize, now: u64) -> bool {
         let n = &self.nodes[i];
         !self.draining()
+            && n.life == Life::Active
             && !n.rebuilding()
             && n.watermark == Watermark::Normal
             && now >= self.foreign_credit_until
@@ -405,6 +431,177 @@ impl Core {
     pub fn page_size(&self, nid: u16, pfn: u64) -> Option<u32> {
         let i = self.node_index(nid)?;
         self.nodes[i].account.size_of(pfn)
+    }
+
+    // ---- operators' requests (mmctl) ----------------------------------
+
+    fn operable(&self, nid: u16) -> Result<usize, NodeRefused> {
+        let i = self.node_index(nid).ok_or(NodeRefused::NotManaged)?;
+        if self.draining() {
+            return Err(NodeRefused::Stopping);
+        }
+        if self.nodes[i].life != Life::Active {
+            return Err(NodeRefused::Draining);
+        }
+        Ok(i)
+    }
+
+    /// Drain node `nid` while serving the others: take its credit back,
+    /// evict every page, show it empty with a RESYNC, then detach it
+    /// (it becomes ordinary memory).  Progress is in the snapshot.
+    ///
+    /// # Errors
+    ///
+    /// [`NodeRefused`].
+    pub fn drain_node(&mut self, nid: u16, now: u64) -> Result<(), NodeRefused> {
+        let i = self.operable(nid)?;
+        tracing::info!(nid, "drain requested: evicting every page, then detaching");
+        let n = &mut self.nodes[i];
+        n.life = Life::Draining;
+        n.drain_checked = false;
+        n.evict_queue.clear();
+        n.account.retire();
+        n.muted = true;
+        self.set_credit(i, 0);
+        self.node_drain_step(i, now);
+        Ok(())
+    }
+
+    /// The run-time policy, and node `nid`'s watermarks.
+    ///
+    /// # Errors
+    ///
+    /// [`NodeRefused::NotManaged`].
+    pub fn policy_get(&self, nid: u16) -> Result<RuntimePolicy, NodeRefused> {
+        let i = self.node_index(nid).ok_or(NodeRefused::NotManaged)?;
+        let c = self.policy.config();
+        let g = self.nodes[i].account.geometry();
+        Ok(RuntimePolicy {
+            writable_budget: c.writable_budget,
+            hot_threshold: c.hot_threshold,
+            promote_rate_limit_mbps: c.promote_rate_limit_mbps,
+            credit_chunk_pages: c.credit_chunk_pages,
+            hot_window_ms: (self.hot_window_ns / MS) as u32,
+            nid,
+            watermarks: (g.low, g.high, g.critical),
+        })
+    }
+
+    /// Set the run-time policy and node `p.nid`'s watermarks, checked as
+    /// the configuration file is; all or nothing.
+    ///
+    /// # Errors
+    ///
+    /// What is wrong with it, in the configuration's words.
+    pub fn policy_set(&mut self, p: &RuntimePolicy, now: u64) -> Result<(), &'static str> {
+        let i = self
+            .node_index(p.nid)
+            .ok_or("the node is not managed by this server")?;
+        let (low, high, critical) = p.watermarks;
+        mm_upcall_proto::socket::PolicyRec {
+            writable_budget: p.writable_budget,
+            promote_rate_limit_mbps: p.promote_rate_limit_mbps,
+            credit_chunk_pages: p.credit_chunk_pages,
+            hot_window_ms: p.hot_window_ms,
+            nid: p.nid,
+            hot_threshold: p.hot_threshold,
+            low,
+            high,
+            critical,
+            ..Default::default()
+        }
+        .check()?;
+        // The last check: nothing is changed unless it passes.
+        self.nodes[i]
+            .account
+            .set_watermarks(low, high, critical)
+            .map_err(|_| "watermarks must be 0 < low < high < critical <= 100 (percent)")?;
+        self.hot_window_ns = u64::from(p.hot_window_ms) * MS;
+        self.policy.reconfigure(
+            PolicyConfig {
+                writable_budget: p.writable_budget,
+                hot_threshold: p.hot_threshold,
+                promote_rate_limit_mbps: p.promote_rate_limit_mbps,
+                fast_nodes: Vec::new(),
+                credit_chunk_pages: p.credit_chunk_pages,
+            },
+            now,
+        );
+        tracing::info!(?p, "policy set at run time");
+        Ok(())
+    }
+
+    /// Resident pages of node `nid` that arrived at least `min_age_s`
+    /// seconds ago, the oldest first, at most `max` (for `mmctl evict`,
+    /// which keeps those of one cgroup).
+    pub fn aged_pages(&self, nid: u16, min_age_s: u32, max: usize) -> Vec<u64> {
+        self.node_index(nid)
+            .map(|i| self.nodes[i].account.aged(min_age_s, max))
+            .unwrap_or_default()
+    }
+
+    /// Queue `pfns` of node `nid` for eviction (PROMOTE_PFN to the fast
+    /// node), submitted as eviction slots free up.
+    ///
+    /// # Errors
+    ///
+    /// [`NodeRefused`].
+    pub fn evict_queued(&mut self, nid: u16, pfns: Vec<u64>, now: u64) -> Result<(), NodeRefused> {
+        let i = self.operable(nid)?;
+        self.nodes[i].evict_queue.extend(pfns);
+        self.submit_queued(i, now);
+        Ok(())
+    }
+
+    /// Submit queued evictions while slots are free.
+    fn submit_queued(&mut self, i: usize, now: u64) {
+        let n = &mut self.nodes[i];
+        let room = MAX_EVICTIONS_IN_FLIGHT.saturating_sub(n.evicting.len());
+        let take = room.min(n.evict_queue.len());
+        let batch: Vec<u64> = n.evict_queue.drain(..take).collect();
+        self.submit_evictions(i, batch, now);
+    }
+
+    /// One step of an operator's drain of node `i` (see
+    /// [`Core::drain_node`]).
+    fn node_drain_step(&mut self, i: usize, now: u64) {
+        if self.nodes[i].life != Life::Draining || self.drain_busy(i, now) {
+            return;
+        }
+        let n = &mut self.nodes[i];
+        n.life = Life::Detaching;
+        let nid = u32::from(n.nid);
+        self.submit(Control::DetachNode { nid }, Cmd::Detach { node: i });
+    }
+
+    /// Drain work on node `i`: evict what is left, then ask the kernel
+    /// with a RESYNC whether the node is empty.  Returns whether work is
+    /// still going on (`false`: the node was shown empty).
+    fn drain_busy(&mut self, i: usize, now: u64) -> bool {
+        let n = &self.nodes[i];
+        let in_flight = n.credit_busy();
+        if n.rebuilding() {
+            return true;
+        }
+        if n.account.resident_pages() > 0 {
+            let left = n.account.resident_sample(MAX_EVICTIONS_IN_FLIGHT, |p| {
+                n.evicting.contains(&p) || n.refused.get(&p).is_some_and(|&t| t > now)
+            });
+            self.nodes[i].drain_checked = false;
+            self.submit_evictions(i, left, now);
+            true
+        } else if !n.evicting.is_empty() || in_flight {
+            true
+        } else if !n.drain_checked {
+            // The books say empty: ask the kernel.
+            let n = &mut self.nodes[i];
+            n.drain_checked = true;
+            n.books = Books::Stale;
+            self.resync_step(i);
+            true
+        } else {
+            false
+        }
     }
 
     // ---- events -----------------------------------------------------
@@ -541,6 +738,10 @@ impl Core {
         }
         if let Phase::Draining { .. } = self.phase {
             self.drain_step(now);
+        } else {
+            for i in 0..self.nodes.len() {
+                self.node_drain_step(i, now);
+            }
         }
     }
 
@@ -670,11 +871,17 @@ impl Core {
                 }
             }
             Cmd::Detach { node } => {
-                let nid = self.nodes[node].nid;
+                let n = &mut self.nodes[node];
+                let nid = n.nid;
                 if r >= 0 {
                     tracing::info!(nid, "node empty (RESYNC reports no page): detached");
+                    n.life = Life::Detached;
                 } else {
                     tracing::error!(nid, "DETACH_NODE failed: errno {}", -r);
+                    if n.life == Life::Detaching {
+                        // Still managed: serve it again.
+                        n.life = Life::Active;
+                    }
                 }
             }
         }
@@ -820,6 +1027,18 @@ impl Core {
     }
 
     fn tick_node(&mut self, i: usize, now: u64) {
+        let n = &mut self.nodes[i];
+        // Four blocks a tick sweep a 1 TiB node's stamps in 820 s, well
+        // within MAX_AGE_S.
+        n.account.set_clock(now / S, 4);
+        match n.life {
+            Life::Active => {}
+            Life::Draining => return self.node_drain_step(i, now),
+            Life::Detaching | Life::Detached => return,
+        }
+        if !n.evict_queue.is_empty() && !n.rebuilding() {
+            self.submit_queued(i, now);
+        }
         let n = &mut self.nodes[i];
         if let Some(at) = n.release_retired_at
             && now >= at
@@ -979,32 +1198,20 @@ impl Core {
         let mut busy = false;
         for i in 0..self.nodes.len() {
             let n = &self.nodes[i];
-            let in_flight = n.credit_busy();
-            if n.rebuilding() {
-                busy = true;
-                continue;
+            match n.life {
+                Life::Detached => continue,
+                // DETACH_NODE in flight.
+                Life::Detaching => {
+                    busy = true;
+                    continue;
+                }
+                Life::Active | Life::Draining => {}
             }
             if !detach {
-                busy |= in_flight;
+                busy |= n.rebuilding() || n.credit_busy();
                 continue;
             }
-            if n.account.resident_pages() > 0 {
-                let left = n.account.resident_sample(MAX_EVICTIONS_IN_FLIGHT, |p| {
-                    n.evicting.contains(&p) || n.refused.get(&p).is_some_and(|&t| t > now)
-                });
-                self.nodes[i].drain_checked = false;
-                self.submit_evictions(i, left, now);
-                busy = true;
-            } else if !n.evicting.is_empty() || in_flight {
-                busy = true;
-            } else if !n.drain_checked {
-                // The books say empty: ask the kernel.
-                let n = &mut self.nodes[i];
-                n.drain_checked = true;
-                n.books = Books::Stale;
-                self.resync_step(i);
-                busy = true;
-            }
+            busy |= self.drain_busy(i, now);
         }
         if busy && !hurry && now < deadline {
             return;
@@ -1015,6 +1222,9 @@ impl Core {
         self.phase = Phase::Finishing;
         for i in 0..self.nodes.len() {
             let n = &self.nodes[i];
+            if matches!(n.life, Life::Detached | Life::Detaching) {
+                continue;
+            }
             let resident = n.account.resident_pages();
             if !detach {
                 tracing::info!(
@@ -1075,7 +1285,14 @@ impl Core {
                 .map(|n| {
                     let mut c = n.counters.clone();
                     c.measure_backlog = n.account.unmeasured();
-                    (NodeGauges::of(n.nid, &n.account), c)
+                    let mut g = NodeGauges::of(n.nid, &n.account);
+                    g.state = match n.life {
+                        Life::Active => 0,
+                        Life::Draining => 1,
+                        Life::Detaching => 2,
+                        Life::Detached => 3,
+                    };
+                    (g, c)
                 })
                 .collect(),
             uptime_s: now.saturating_sub(self.start) as f64 / 1e9,

@@ -42,6 +42,20 @@ pub enum CreditCmd {
     Setting { next: Option<u64> },
 }
 
+/// Where a node is in its life with this server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Life {
+    /// Managed and served.
+    Active,
+    /// An operator asked to drain it (`mmctl drain`): no credit, every
+    /// page evicted, then a RESYNC shows it empty.
+    Draining,
+    /// Shown empty: DETACH_NODE sent.
+    Detaching,
+    /// Detached: ordinary memory again; the server no longer serves it.
+    Detached,
+}
+
 /// One managed node.
 #[derive(Debug)]
 pub struct Node {
@@ -74,6 +88,10 @@ pub struct Node {
     /// back for it: no credit is granted until this time (ns), or until
     /// the moves end.
     pub moves_waiting_until: Option<u64>,
+    pub life: Life,
+    /// Pfns an operator asked to evict (`mmctl evict`), submitted as
+    /// eviction slots free up.
+    pub evict_queue: std::collections::VecDeque<u64>,
 }
 
 impl Node {
@@ -101,6 +119,8 @@ impl Node {
             drain_checked: false,
             moves: 0,
             moves_waiting_until: None,
+            life: Life::Active,
+            evict_queue: std::collections::VecDeque::new(),
         }
     }
 

@@ -91,6 +91,40 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Read or set the run-time policy (root).
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Drain a compressed node: evict every page, then detach it (root).
+    Drain {
+        /// The node.
+        nid: u16,
+        /// Longest wait for the drain to finish, seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Start the drain and return.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Evict a memory cgroup's pages that have been on a compressed node
+    /// for a while, the oldest first (root).
+    Evict {
+        /// The cgroup's directory (e.g. /sys/fs/cgroup/batch.slice).
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// At most this much memory (hex with 0x, or a number with K, M, G).
+        #[arg(long, value_parser = parse_num)]
+        max_bytes: u64,
+        /// Only pages on the node at least this long (at most 2048).
+        #[arg(long, default_value_t = 0)]
+        min_age: u32,
+        /// The compressed node.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check this machine for what mm-upcall needs; one line per check.
     Doctor {
         #[arg(long)]
@@ -100,6 +134,81 @@ enum Cmd {
     Man,
     /// Print shell completions on stdout.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Print the policy and a node's watermarks.
+    Get {
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change some knobs (the others keep their values); checked as the
+    /// configuration file is.
+    Set {
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        /// Watermarks, percent of the node's capacity.
+        #[arg(long)]
+        low: Option<u8>,
+        #[arg(long)]
+        high: Option<u8>,
+        #[arg(long)]
+        critical: Option<u8>,
+        /// Pages per node that may be written in place.
+        #[arg(long)]
+        writable_budget: Option<u64>,
+        /// Promotion budget, MB/s.
+        #[arg(long)]
+        promote_rate_limit_mbps: Option<u64>,
+        #[arg(long)]
+        hot_threshold: Option<u8>,
+        #[arg(long)]
+        hot_window_ms: Option<u32>,
+        #[arg(long)]
+        credit_chunk_pages: Option<u64>,
+    },
+}
+
+#[derive(Serialize)]
+struct PolicyView {
+    node: u16,
+    low: u8,
+    high: u8,
+    critical: u8,
+    writable_budget: u64,
+    promote_rate_limit_mbps: u64,
+    hot_threshold: u8,
+    hot_window_ms: u32,
+    credit_chunk_pages: u64,
+}
+
+impl From<&mm_upcall_client::socket::PolicyRec> for PolicyView {
+    fn from(p: &mm_upcall_client::socket::PolicyRec) -> Self {
+        Self {
+            node: p.nid,
+            low: p.low,
+            high: p.high,
+            critical: p.critical,
+            writable_budget: p.writable_budget,
+            promote_rate_limit_mbps: p.promote_rate_limit_mbps,
+            hot_threshold: p.hot_threshold,
+            hot_window_ms: p.hot_window_ms,
+            credit_chunk_pages: p.credit_chunk_pages,
+        }
+    }
+}
+
+/// The state of node `nid` from the metrics: (state, resident pages).
+fn node_state(a: &mut AdminClient, nid: u16) -> Result<(u64, u64), Failed> {
+    let m = prom::parse(&a.metrics()?);
+    let n = nid.to_string();
+    Ok((
+        m.get("mm_server_node_state", "nid", &n) as u64,
+        m.get("mm_server_resident_pages", "nid", &n) as u64,
+    ))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -345,6 +454,117 @@ fn run(cli: &Cli) -> Result<(), Failed> {
             println!(
                 "not present: {}, not mapped: {}, compressed: {} pages measured, {} bytes",
                 s.not_present, s.not_mapped, s.measured_pages, s.compressed_bytes
+            );
+            Ok(())
+        }
+        Cmd::Policy { cmd } => {
+            let mut a = AdminClient::connect(&cli.admin_socket)?;
+            match cmd {
+                PolicyCmd::Get { node, json } => {
+                    let v = PolicyView::from(&a.policy(*node)?);
+                    if *json {
+                        return print_json(&v);
+                    }
+                    let j =
+                        serde_json::to_value(&v).map_err(|e| Failed(EXIT_FAILED, e.to_string()))?;
+                    if let Some(o) = j.as_object() {
+                        for (k, v) in o {
+                            println!("{k:<24} {v}");
+                        }
+                    }
+                    Ok(())
+                }
+                PolicyCmd::Set {
+                    node,
+                    low,
+                    high,
+                    critical,
+                    writable_budget,
+                    promote_rate_limit_mbps,
+                    hot_threshold,
+                    hot_window_ms,
+                    credit_chunk_pages,
+                } => {
+                    let mut p = a.policy(*node)?;
+                    p.low = low.unwrap_or(p.low);
+                    p.high = high.unwrap_or(p.high);
+                    p.critical = critical.unwrap_or(p.critical);
+                    p.writable_budget = writable_budget.unwrap_or(p.writable_budget);
+                    p.promote_rate_limit_mbps =
+                        promote_rate_limit_mbps.unwrap_or(p.promote_rate_limit_mbps);
+                    p.hot_threshold = hot_threshold.unwrap_or(p.hot_threshold);
+                    p.hot_window_ms = hot_window_ms.unwrap_or(p.hot_window_ms);
+                    p.credit_chunk_pages = credit_chunk_pages.unwrap_or(p.credit_chunk_pages);
+                    a.set_policy(p)?;
+                    println!("policy set");
+                    Ok(())
+                }
+            }
+        }
+        Cmd::Drain {
+            nid,
+            timeout,
+            no_wait,
+        } => {
+            let mut a = AdminClient::connect(&cli.admin_socket)?;
+            a.drain(*nid)?;
+            println!("node {nid}: draining");
+            if *no_wait {
+                return Ok(());
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(*timeout);
+            let mut last = u64::MAX;
+            loop {
+                let (state, resident) = node_state(&mut a, *nid)?;
+                if state == 3 {
+                    println!("node {nid}: empty and detached (ordinary memory now)");
+                    return Ok(());
+                }
+                if resident != last {
+                    println!("node {nid}: {resident} pages left");
+                    last = resident;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(Failed(
+                        EXIT_FAILED,
+                        format!(
+                            "node {nid} not drained after {timeout} s: {resident} pages left \
+                             (pinned or busy pages are retried; the drain goes on)"
+                        ),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+        }
+        Cmd::Evict {
+            cgroup,
+            max_bytes,
+            min_age,
+            node,
+            json,
+        } => {
+            use std::os::unix::fs::MetadataExt as _;
+            let ino = std::fs::metadata(cgroup)
+                .map_err(|e| Failed(EXIT_FAILED, format!("{}: {e}", cgroup.display())))?
+                .ino();
+            let r =
+                AdminClient::connect(&cli.admin_socket)?.evict(*node, ino, *max_bytes, *min_age)?;
+            if *json {
+                #[derive(Serialize)]
+                struct V {
+                    pages: u64,
+                    aged: u64,
+                }
+                return print_json(&V {
+                    pages: r.pages,
+                    aged: r.aged,
+                });
+            }
+            println!(
+                "{} pages of {} queued for eviction ({} pages of node {node} at least {min_age} s old)",
+                r.pages,
+                cgroup.display(),
+                r.aged
             );
             Ok(())
         }

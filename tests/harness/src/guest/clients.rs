@@ -430,3 +430,123 @@ pub fn replay_malformed(sock: &std::path::Path) -> Result<usize> {
     }
     Ok(frames.len())
 }
+
+/// Allocate `len` bytes charged to cgroup `cg` (entered for the
+/// allocation), filled with `seed`'s pattern, and demote them with
+/// `memory.reclaim`; returns the mapping and how many pages reached node 1.
+fn demoted_in(cg: &Cgroup, len: usize, seed: u64) -> Result<(Anon, usize)> {
+    cg.rejoin()?;
+    let mut mem = Anon::new(len)?;
+    fill(mem.as_mut_slice(), seed, Content::Compressible);
+    cg.leave()?;
+    for _ in 0..8 {
+        cg.reclaim(len);
+        if crate::managed::where_are(&mem)?.1 == len / PAGE_SIZE {
+            break;
+        }
+    }
+    let on1 = crate::managed::where_are(&mem)?.1;
+    Ok((mem, on1))
+}
+
+/// `drain`: `mmctl evict --cgroup --min-age` evicts only that cgroup's old
+/// pages; `mmctl policy set` changes a watermark and refuses a bad one;
+/// `mmctl drain 1` empties node 1, data intact, books at 0, and detaches
+/// it.
+pub fn drain() -> Result<()> {
+    const MIB: usize = 1 << 20;
+    let srv = MmServer::start("drain", 256, "")?;
+    let a = Cgroup::enter("drain-a")?;
+    a.leave()?;
+    let b = Cgroup::enter("drain-b")?;
+    b.leave()?;
+    let (old_a, n_old) = demoted_in(&a, 16 * MIB, 11)?;
+    let old_done = std::time::Instant::now();
+    println!("drain: cgroup drain-a: {n_old} old pages on node 1");
+    // The gap that tells old from young, in the server's 1 s stamps.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let young_start = std::time::Instant::now();
+    let (young_a, n_young) = demoted_in(&a, 8 * MIB, 12)?;
+    let (mem_b, n_b) = demoted_in(&b, 16 * MIB, 13)?;
+    println!("drain: drain-a: {n_young} young pages on node 1; drain-b: {n_b}");
+    ensure(n_old > 0 && n_young > 0 && n_b > 0, || {
+        "reclaim demoted nothing".into()
+    })?;
+    // Older than anything young, younger than everything old.
+    let min_age = young_start.elapsed().as_secs() + 2;
+    ensure(old_done.elapsed().as_secs() >= min_age + 2, || {
+        format!("no gap between old and young pages for --min-age {min_age}")
+    })?;
+    let (code, out) = mmctl(
+        "drain",
+        &[
+            "evict",
+            "--cgroup",
+            "/sys/fs/cgroup/drain-a",
+            "--max-bytes",
+            "1G",
+            "--min-age",
+            &min_age.to_string(),
+        ],
+    )?;
+    ensure(code == 0, || format!("mmctl evict exited {code}"))?;
+    ensure(out.starts_with(&format!("{n_old} pages")), || {
+        format!("mmctl evict queued other than the {n_old} old pages of drain-a")
+    })?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while crate::managed::where_are(&old_a)?.1 > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let left = (
+        crate::managed::where_are(&old_a)?.1,
+        crate::managed::where_are(&young_a)?.1,
+        crate::managed::where_are(&mem_b)?.1,
+    );
+    println!(
+        "drain: after evict: drain-a old {} / young {} / drain-b {} pages on node 1",
+        left.0, left.1, left.2
+    );
+    ensure(left == (0, n_young, n_b), || {
+        format!("evict moved other pages: want (0, {n_young}, {n_b}) on node 1, got {left:?}")
+    })?;
+    // Policy at run time.
+    let (code, _) = mmctl("drain", &["policy", "set", "--high", "85"])?;
+    ensure(code == 0, || format!("policy set exited {code}"))?;
+    let (_, json) = mmctl("drain", &["policy", "get", "--json"])?;
+    ensure(json.contains("\"high\": 85"), || {
+        "policy get does not show high 85".into()
+    })?;
+    let (code, _) = mmctl("drain", &["policy", "set", "--low", "90"])?;
+    ensure(code == 1, || {
+        format!("a low watermark above high was accepted ({code})")
+    })?;
+    // Drain node 1.
+    let (code, _) = mmctl("drain", &["drain", "1"])?;
+    ensure(code == 0, || format!("mmctl drain exited {code}"))?;
+    for (mem, seed, what) in [
+        (&old_a, 11, "old"),
+        (&young_a, 12, "young"),
+        (&mem_b, 13, "b"),
+    ] {
+        ensure(crate::managed::where_are(mem)?.1 == 0, || {
+            format!("{what} pages still on node 1 after the drain")
+        })?;
+        ensure(
+            check(mem.as_slice(), seed, Content::Compressible).is_none(),
+            || format!("{what} pages changed across evict and drain"),
+        )?;
+    }
+    let books = srv.node1("resident_pages")?;
+    let state = srv.node1("node_state")?;
+    let (start, spanned) = (
+        srv.node1("node_start_pfn")?,
+        srv.node1("node_spanned_pages")?,
+    );
+    let (truth, _) = crate::managed::kpageflags_truth(start, spanned)?;
+    println!("drain: after drain: books {books} pages, kpageflags {truth}, node state {state}");
+    ensure(books == 0 && truth == 0 && state == 3, || {
+        "node 1 not empty and detached after mmctl drain".into()
+    })?;
+    srv.stop()?;
+    Ok(())
+}

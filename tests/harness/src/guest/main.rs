@@ -52,6 +52,7 @@ pub const SCENARIOS: &[&str] = &[
     "hints",
     "client-auth",
     "doctor",
+    "drain",
 ];
 
 fn run(scenario: &str) -> Result<()> {
@@ -79,6 +80,7 @@ fn run(scenario: &str) -> Result<()> {
         "hints" => clients::hints(),
         "client-auth" => clients::client_auth(),
         "doctor" => clients::doctor(),
+        "drain" => clients::drain(),
         // Benchmarks (`xtask bench <name>`), not part of the test list.
         "bench-upcall" => bench::upcall(),
         "bench-fault" => bench::fault(),

@@ -308,6 +308,14 @@ impl Cgroup {
         let _ = write(&format!("{}/memory.reclaim", self.path), &bytes.to_string());
     }
 
+    /// Move this process into the cgroup again (after [`Cgroup::leave`]).
+    pub fn rejoin(&self) -> Result<()> {
+        write(
+            &format!("{}/cgroup.procs", self.path),
+            &std::process::id().to_string(),
+        )
+    }
+
     /// Move this process back to the root cgroup, keeping this one: pages
     /// already charged here stay charged here, and what the process
     /// allocates from now on (thread stacks, heap) is out of reach of

@@ -1,0 +1,222 @@
+//! The core's answers to clients and operators, driven as the driver
+//! drives it (a kernel played by hand): room for `Cold` moves taken back
+//! from the kernel's credit, a node drained and detached while serving,
+//! queued evictions, run-time policy, and page ages.
+
+use mm_server::capacity::{Geometry, MAX_AGE_S, NodeAccount};
+use mm_server::core::{Core, CoreConfig, Life, NodeRefused, RETIRE_GRACE_NS, RuntimePolicy, TICK_NS};
+use mm_server::policy::PolicyConfig;
+use mm_upcall_proto::control::Control;
+use mm_upcall_proto::event::{Event, PlaceReason};
+
+const START: u64 = 0x10_0000;
+const PAGES: usize = 8192;
+const S: u64 = 1_000_000_000;
+
+fn geometry() -> Geometry {
+    Geometry {
+        capacity: 16 << 20,
+        granule: 64,
+        low: 60,
+        high: 80,
+        critical: 95,
+    }
+}
+
+/// A core whose first RESYNC found the node empty, past the new server's
+/// grace: serving, with the kernel holding whatever credit it set.
+fn serving() -> (Core, u64) {
+    let cfg = CoreConfig {
+        policy: PolicyConfig::default(),
+        hot_window_ns: S,
+        drain_timeout_ns: 10 * S,
+        detach_on_stop: true,
+    };
+    let account = NodeAccount::new(geometry(), START, PAGES).unwrap();
+    let mut c = Core::new(cfg, vec![(1, account)], 0).unwrap();
+    let mut now = 0;
+    while now < 2 * RETIRE_GRACE_NS {
+        now += TICK_NS;
+        run_commands(&mut c, now, |_| 0);
+        c.events_applied(now);
+        c.tick(now, Vec::new());
+    }
+    run_commands(&mut c, now, |_| 0);
+    (c, now)
+}
+
+/// Complete every command the core asked for with `result(cmd)` (a
+/// RESYNC covers its whole range and reports no page); returns them.
+fn run_commands(c: &mut Core, now: u64, mut result: impl FnMut(&Control) -> i32) -> Vec<Control> {
+    let mut done = Vec::new();
+    while let Some((id, ctrl)) = c.poll_command() {
+        let r = match ctrl {
+            Control::Resync { nr_pages, .. } => nr_pages as i32,
+            _ => result(&ctrl),
+        };
+        c.completed(id, r, now);
+        done.push(ctrl);
+    }
+    done
+}
+
+fn place(c: &mut Core, pfn: u64, reason: PlaceReason) {
+    c.event(&Event::Placed {
+        nid: 1,
+        pfn,
+        order: 0,
+        tgid: 1,
+        vaddr: 0,
+        reason,
+    });
+}
+
+#[test]
+fn cold_moves_take_the_room_back_from_the_kernels_credit() {
+    let (mut c, mut now) = serving();
+    let credit = c.nodes()[0].account.credit();
+    assert!(credit > 0, "the kernel was granted the node's room");
+    // All the room is promised to the kernel: nothing now, but the credit
+    // is taken back (SET_CREDIT 0) and more room is on the way.
+    let (got, more) = c.begin_move(1, 2048, now).unwrap();
+    assert_eq!((got, more), (0, true));
+    let cmds = run_commands(&mut c, now, |_| 0);
+    assert!(cmds.contains(&Control::SetCredit { nid: 1, pages: 0 }), "{cmds:?}");
+    // After the grace period the retired credit is released; the ticks
+    // meanwhile grant the kernel nothing.
+    for _ in 0..(2 * RETIRE_GRACE_NS / TICK_NS) {
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+        assert!(
+            run_commands(&mut c, now, |_| 0)
+                .iter()
+                .all(|k| !matches!(k, Control::SetCredit { pages: 1.., .. })),
+            "credit granted while a move waits"
+        );
+    }
+    let (got, _) = c.begin_move(1, 2048, now).unwrap();
+    assert_eq!(got, 2048);
+    // The pages arrive (the server's move_pages), then the moves end.
+    for p in 0..2048 {
+        place(&mut c, START + p, PlaceReason::Migration);
+    }
+    assert_eq!(c.nodes()[0].account.moving(), 0);
+    c.end_move(1);
+    c.end_move(1);
+    assert_eq!(c.nodes()[0].account.resident_pages(), 2048);
+    // Credit flows again.
+    now += TICK_NS;
+    c.tick(now, Vec::new());
+    let cmds = run_commands(&mut c, now, |_| 0);
+    assert!(
+        cmds.iter()
+            .any(|k| matches!(k, Control::SetCredit { pages: 1.., .. })),
+        "{cmds:?}"
+    );
+    // What was reserved and never arrived is released.
+    let (got, _) = c.begin_move(1, 10, now).unwrap();
+    c.end_move(1);
+    assert!(got <= 10);
+    assert_eq!(c.nodes()[0].account.moving(), 0);
+}
+
+#[test]
+fn a_drained_node_is_emptied_shown_empty_and_detached() {
+    let (mut c, mut now) = serving();
+    for p in 0..100 {
+        place(&mut c, START + p, PlaceReason::Demotion);
+    }
+    c.drain_node(1, now).unwrap();
+    assert_eq!(c.drain_node(1, now), Err(NodeRefused::Draining));
+    assert_eq!(c.nodes()[0].life, Life::Draining);
+    let mut detached = false;
+    for _ in 0..200 {
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+        let mut freed = Vec::new();
+        let cmds = run_commands(&mut c, now, |k| {
+            if let Control::PromotePfn { pfn, .. } = *k {
+                freed.push(pfn);
+            }
+            0
+        });
+        for pfn in freed {
+            c.event(&Event::Promoted {
+                nid: 1,
+                pfn,
+                order: 0,
+                target_nid: 0,
+            });
+        }
+        c.events_applied(now);
+        detached |= cmds.contains(&Control::DetachNode { nid: 1 });
+        if c.nodes()[0].life == Life::Detached {
+            break;
+        }
+    }
+    assert!(detached);
+    assert_eq!(c.nodes()[0].life, Life::Detached);
+    assert_eq!(c.nodes()[0].account.resident_pages(), 0);
+    // Nothing more for it: no credit, no moves, no operator commands.
+    assert!(c.begin_move(1, 1, now).is_err());
+    assert_eq!(c.evict_queued(1, vec![START], now), Err(NodeRefused::Draining));
+}
+
+#[test]
+fn queued_evictions_go_out_as_slots_free() {
+    let (mut c, mut now) = serving();
+    for p in 0..1000 {
+        place(&mut c, START + p, PlaceReason::Demotion);
+    }
+    c.evict_queued(1, (START..START + 1000).collect(), now).unwrap();
+    let mut evicted = 0;
+    for _ in 0..100 {
+        let n = run_commands(&mut c, now, |_| 0)
+            .iter()
+            .filter(|k| matches!(k, Control::PromotePfn { .. }))
+            .count();
+        assert!(n <= mm_server::core::MAX_EVICTIONS_IN_FLIGHT);
+        evicted += n;
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+    }
+    assert_eq!(evicted, 1000);
+}
+
+#[test]
+fn policy_is_set_at_run_time_all_or_nothing() {
+    let (mut c, now) = serving();
+    let mut p = c.policy_get(1).unwrap();
+    assert_eq!(p.watermarks, (60, 80, 95));
+    p.watermarks = (50, 70, 90);
+    p.hot_window_ms = 500;
+    c.policy_set(&p, now).unwrap();
+    assert_eq!(c.policy_get(1).unwrap(), p);
+    let bad = RuntimePolicy {
+        watermarks: (90, 70, 95),
+        hot_threshold: 9,
+        ..p.clone()
+    };
+    assert!(c.policy_set(&bad, now).is_err());
+    assert_eq!(c.policy_get(1).unwrap(), p, "a refused set changes nothing");
+    assert_eq!(c.policy_get(7), Err(NodeRefused::NotManaged));
+}
+
+#[test]
+fn page_ages_count_from_arrival_and_stop_at_the_maximum() {
+    let mut a = NodeAccount::new(geometry(), START, PAGES).unwrap();
+    a.set_clock(100, 0);
+    a.placed(START, 0, false).unwrap();
+    a.set_clock(150, 0);
+    a.placed(START + 1, 0, false).unwrap();
+    assert_eq!(a.aged(40, 10), vec![START]);
+    assert_eq!(a.aged(0, 10), vec![START, START + 1]);
+    // Two hours on, swept all along: both count as MAX_AGE_S old, not as
+    // whatever their 12-bit stamps wrapped to.
+    for t in (150..150 + 7200).step_by(60) {
+        a.set_clock(t, 2);
+    }
+    a.placed(START + 2, 0, false).unwrap();
+    assert_eq!(a.aged(MAX_AGE_S, 10), vec![START, START + 1]);
+    assert_eq!(a.aged(1, 10), vec![START, START + 1]);
+}

@@ -102,19 +102,35 @@ fn build_guest_profile(release: bool) -> Result<PathBuf> {
 }
 
 /// Build the C example of the hint API, `client-lib/examples/hints.c`,
-/// against `libmmclient.so` in `dir` (as `dir/mm-hints`, which the `hints`
-/// scenario runs): warnings are errors.
+/// as a user would: with the flags `pkg-config` gives for `mmclient`, from
+/// a `mmclient.pc` made from `client-lib/capi/mmclient.pc.in` for `dir`
+/// (as `dir/mm-hints`, which the `hints` scenario runs); warnings are
+/// errors.
 fn build_c_example(dir: &std::path::Path) -> Result<()> {
+    util::ensure_packages(&["gcc", "pkg-config"])?;
     let root = workspace_root();
+    let pc_dir = dir.join("pkgconfig");
+    std::fs::create_dir_all(&pc_dir)?;
+    let template = std::fs::read_to_string(root.join("client-lib/capi/mmclient.pc.in"))?;
+    let pc = template
+        .replace("@LIBDIR@", &dir.display().to_string())
+        .replace(
+            "@INCLUDEDIR@",
+            &root.join("client-lib/capi/include").display().to_string(),
+        )
+        .replace("@VERSION@", env!("CARGO_PKG_VERSION"));
+    std::fs::write(pc_dir.join("mmclient.pc"), pc)?;
+    let flags = util::output(
+        Command::new("pkg-config")
+            .args(["--cflags", "--libs", "mmclient"])
+            .env("PKG_CONFIG_PATH", &pc_dir),
+    )
+    .context("pkg-config --cflags --libs mmclient")?;
     let mut cc = Command::new("cc");
     cc.args(["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2", "-o"])
         .arg(dir.join("mm-hints"))
         .arg(root.join("client-lib/examples/hints.c"))
-        .arg("-I")
-        .arg(root.join("client-lib/capi/include"))
-        .arg("-L")
-        .arg(dir)
-        .arg("-lmmclient")
+        .args(flags.split_whitespace())
         .arg(format!("-Wl,-rpath,{}", dir.display()));
     util::run(&mut cc).context("cannot build the C example client-lib/examples/hints.c")
 }

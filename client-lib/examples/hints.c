@@ -5,8 +5,9 @@
  * Maps 64 MiB of compressible data, advises it COLD and checks that
  * mm_client_residency() shows it on a compressed node with measured
  * sizes; advises it HOT and checks it is back on node 0; then advises the
- * middle 16 MiB KEEP_FAST, prints "keepfast ready" and waits for a line on
- * stdin while the caller pushes the cgroup with memory.reclaim; then
+ * middle 16 MiB KEEP_FAST, prints "keepfast ready <addr> <len>" and waits
+ * for a line on stdin while the caller pushes the cgroup with
+ * memory.reclaim (and tries to move the range with COLD itself); then
  * checks that the KEEP_FAST range stayed on node 0 while its neighbours
  * were demoted.  The data is checked after every step.  Exit 0 on
  * success; each failure says what it saw.
@@ -162,7 +163,7 @@ int main(void)
 	err = mm_client_advise(c, p + KEEP_OFF, KEEP_LEN, MM_ADVICE_KEEP_FAST, &r);
 	if (err)
 		die("advise KEEP_FAST", c, err);
-	printf("hints: keepfast ready\n");
+	printf("hints: keepfast ready %p %lu\n", (void *)(p + KEEP_OFF), KEEP_LEN);
 	fflush(stdout);
 	if (!fgets(line, sizeof(line), stdin)) {
 		fprintf(stderr, "hints: no go on stdin\n");

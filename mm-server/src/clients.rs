@@ -25,8 +25,9 @@
 //! for a move, the sizes of some pages), so a slow client never delays a
 //! verdict.  Pages are moved by `move_pages(2)` from the client's thread:
 //! `Cold` to the first managed node, within the room the core reserves
-//! for it at the worst case (as demotion credit is); `Hot` and `KeepFast`
-//! off it, to the first fast node.
+//! for it at the worst case (as demotion credit is), never a page locked
+//! in memory (`KeepFast` locks its range); `Hot` and `KeepFast` off it, to
+//! the first fast node.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -329,11 +330,21 @@ impl Client<'_> {
         let managed = |n: i32| n >= 0 && self.core.managed.contains(&(n as u16));
         let (want, node): (Vec<u64>, u16) = if advice == Advice::Cold {
             r.already = status.iter().filter(|&&n| managed(n)).count() as u64;
-            let want = addrs
+            let present: Vec<u64> = addrs
                 .iter()
                 .zip(&status)
                 .filter(|&(_, &n)| n >= 0 && !managed(n))
                 .map(|(&a, _)| a)
+                .collect();
+            // Never a locked page (KeepFast, or any mlock): reclaim keeps
+            // them off the node, and so does the server, whoever asks.
+            let locked =
+                locked_pages(target, &present).map_err(|_| (-libc::ESRCH, ErrorCode::NotFound))?;
+            let want = present
+                .into_iter()
+                .zip(locked)
+                .filter(|&(_, l)| !l)
+                .map(|(a, _)| a)
                 .collect();
             (want, self.core.managed[0])
         } else {
@@ -476,6 +487,25 @@ fn pfns_of(pid: u32, addrs: impl Iterator<Item = u64>) -> io::Result<Vec<u64>> {
             f.read_exact_at(&mut buf, a / PAGE_SIZE as u64 * 8)?;
             let e = u64::from_ne_bytes(buf);
             Ok(if e & PRESENT != 0 { e & PFN_MASK } else { 0 })
+        })
+        .collect()
+}
+
+/// Whether each page at `addrs` of process `pid` is locked in memory
+/// (`KPF_MLOCKED` or `KPF_UNEVICTABLE` in `/proc/kpageflags`).
+fn locked_pages(pid: u32, addrs: &[u64]) -> io::Result<Vec<bool>> {
+    const KPF_UNEVICTABLE: u64 = 1 << 18;
+    const KPF_MLOCKED: u64 = 1 << 33;
+    let pfns = pfns_of(pid, addrs.iter().copied())?;
+    let f = File::open("/proc/kpageflags")?;
+    let mut buf = [0u8; 8];
+    pfns.iter()
+        .map(|&pfn| {
+            if pfn == 0 {
+                return Ok(false);
+            }
+            f.read_exact_at(&mut buf, pfn * 8)?;
+            Ok(u64::from_ne_bytes(buf) & (KPF_MLOCKED | KPF_UNEVICTABLE) != 0)
         })
         .collect()
 }

@@ -4,7 +4,9 @@
 //! queued evictions, run-time policy, and page ages.
 
 use mm_server::capacity::{Geometry, MAX_AGE_S, NodeAccount};
-use mm_server::core::{Core, CoreConfig, Life, NodeRefused, RETIRE_GRACE_NS, RuntimePolicy, TICK_NS};
+use mm_server::core::{
+    Core, CoreConfig, Life, NodeRefused, RETIRE_GRACE_NS, RuntimePolicy, TICK_NS,
+};
 use mm_server::policy::PolicyConfig;
 use mm_upcall_proto::control::Control;
 use mm_upcall_proto::event::{Event, PlaceReason};
@@ -81,7 +83,10 @@ fn cold_moves_take_the_room_back_from_the_kernels_credit() {
     let (got, more) = c.begin_move(1, 2048, now).unwrap();
     assert_eq!((got, more), (0, true));
     let cmds = run_commands(&mut c, now, |_| 0);
-    assert!(cmds.contains(&Control::SetCredit { nid: 1, pages: 0 }), "{cmds:?}");
+    assert!(
+        cmds.contains(&Control::SetCredit { nid: 1, pages: 0 }),
+        "{cmds:?}"
+    );
     // After the grace period the retired credit is released; the ticks
     // meanwhile grant the kernel nothing.
     for _ in 0..(2 * RETIRE_GRACE_NS / TICK_NS) {
@@ -159,7 +164,10 @@ fn a_drained_node_is_emptied_shown_empty_and_detached() {
     assert_eq!(c.nodes()[0].account.resident_pages(), 0);
     // Nothing more for it: no credit, no moves, no operator commands.
     assert!(c.begin_move(1, 1, now).is_err());
-    assert_eq!(c.evict_queued(1, vec![START], now), Err(NodeRefused::Draining));
+    assert_eq!(
+        c.evict_queued(1, vec![START], now),
+        Err(NodeRefused::Draining)
+    );
 }
 
 #[test]
@@ -168,7 +176,8 @@ fn queued_evictions_go_out_as_slots_free() {
     for p in 0..1000 {
         place(&mut c, START + p, PlaceReason::Demotion);
     }
-    c.evict_queued(1, (START..START + 1000).collect(), now).unwrap();
+    c.evict_queued(1, (START..START + 1000).collect(), now)
+        .unwrap();
     let mut evicted = 0;
     for _ in 0..100 {
         let n = run_commands(&mut c, now, |_| 0)

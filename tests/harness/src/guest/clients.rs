@@ -47,6 +47,26 @@ pub fn hints() -> Result<()> {
     if !ready {
         bail!("mm-hints stopped before KeepFast ({})", child.wait()?);
     }
+    // Another process with CAP_SYS_NICE (this one) cannot move a
+    // KeepFast range onto the node either: the server skips locked pages.
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (Some(addr), Some(len)) = (words.get(3), words.get(4)) else {
+        bail!("mm-hints said {line:?}");
+    };
+    let addr = usize::from_str_radix(addr.trim_start_matches("0x"), 16)?;
+    let len: usize = len.parse()?;
+    let fd = pidfd(child.id())?;
+    let r = Client::connect_to(&srv.client_sock)?.advise_process(
+        std::os::fd::AsFd::as_fd(&fd),
+        addr,
+        len,
+        Advice::Cold,
+    )?;
+    println!("hints: another process's Cold on the KeepFast range: {r:?}");
+    ensure(
+        r.moved == 0 && r.skipped == (len / PAGE_SIZE) as u64,
+        || "the server moved locked pages onto node 1".into(),
+    )?;
     // Push the cgroup: with no swap, reclaim can only demote.
     for _ in 0..8 {
         cg.reclaim(64 << 20);

@@ -96,6 +96,14 @@ fn build_guest_profile(release: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     util::run(&mut cmd).context("cannot build mm-guest")?;
+    // `--bin` above selects binaries only: the C library is a lib target.
+    let mut lib = Command::new(env!("CARGO"));
+    lib.current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", "mm-upcall-client-capi", "--lib"]);
+    if release {
+        lib.arg("--release");
+    }
+    util::run(&mut lib).context("cannot build libmmclient.so")?;
     let dir = target_dir().join(if release { "release" } else { "debug" });
     build_c_example(&dir)?;
     Ok(dir.join("mm-guest"))

@@ -186,7 +186,18 @@ impl Client {
                 _guard: guard,
             });
         }
-        self.advise_pid(0, addr, len, advice)
+        let r = self.advise_pid(0, addr, len, advice)?;
+        if advice == Advice::KeepFast && r.skipped > 0 {
+            // Locked pages are all present: a skipped one failed to move
+            // and may still be on the compressed node.
+            return Err(Error::Refused {
+                what: "KeepFast (some pages could not leave the compressed node; the range \
+                       stays locked: advise it again)",
+                code: socket::ErrorCode::Busy,
+                errno: -libc::EBUSY,
+            });
+        }
+        Ok(r)
     }
 
     /// As [`Client::advise`], on the process `pidfd` refers to: allowed
@@ -336,7 +347,9 @@ fn check_range(addr: usize, len: usize) -> Result<usize> {
             "address {addr:#x} is not page-aligned (as madvise(2), the range must start on a page)"
         )));
     }
-    addr.checked_add(len.div_ceil(PAGE) * PAGE)
+    len.div_ceil(PAGE)
+        .checked_mul(PAGE)
+        .and_then(|l| addr.checked_add(l))
         .ok_or_else(|| Error::Invalid(format!("range {addr:#x}+{len:#x} wraps around")))
 }
 

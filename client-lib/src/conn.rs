@@ -1,7 +1,7 @@
 //! One connection to an mm-server socket: Hello first, then a frame and
 //! its reply at a time.
 
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,15 +62,40 @@ impl Conn {
     }
 
     /// Send `f`, read its reply (the whole frame, variable-length ones
-    /// included); an `Error` frame becomes [`Error::Refused`].
+    /// included); an `Error` frame becomes [`Error::Refused`].  The server
+    /// closes connections idle for 5 s (or when it needs the slot): then
+    /// this connects again, says Hello, and sends `f` once more.
     pub(crate) fn call(&mut self, what: &'static str, f: Frame) -> Result<(Frame, Vec<u8>)> {
+        match self.call_once(what, f) {
+            Err(Error::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::UnexpectedEof
+                ) && !matches!(f, Frame::Hello { .. }) =>
+            {
+                *self = Self::connect(&self.path.clone())?;
+                self.call_once(what, f)
+            }
+            r => r,
+        }
+    }
+
+    fn call_once(&mut self, what: &'static str, f: Frame) -> Result<(Frame, Vec<u8>)> {
         let io = |source| Error::Io {
             path: self.path.clone(),
             source,
         };
         let mut out = [0u8; MAX_FRAME_SIZE];
         let n = f.encode(&mut out);
-        self.s.write_all(&out[..n]).map_err(io)?;
+        // MSG_NOSIGNAL: a closed connection is an error, not a SIGPIPE
+        // that kills a C program using the library.
+        let mut sent = 0;
+        while sent < n {
+            sent += rustix::net::send(&self.s, &out[sent..n], rustix::net::SendFlags::NOSIGNAL)
+                .map_err(|e| io(e.into()))?;
+        }
         let mut hdr = [0u8; HEADER_SIZE];
         self.s.read_exact(&mut hdr).map_err(io)?;
         let (_, total) =

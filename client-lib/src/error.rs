@@ -61,7 +61,7 @@ impl Error {
             Error::Connect { source, .. } | Error::Io { source, .. } => {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }
-            Error::Refused { errno, .. } => -errno,
+            Error::Refused { errno, .. } => errno.checked_neg().unwrap_or(libc::EIO),
             Error::Protocol { .. } => libc::EPROTO,
             Error::Invalid(_) => libc::EINVAL,
             Error::Unsupported(_) => libc::EOPNOTSUPP,

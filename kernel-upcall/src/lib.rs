@@ -26,7 +26,7 @@ mod transport;
 
 pub use error::Error;
 pub use mm_upcall_proto as proto;
-pub use sys::{NodeMap, PAGE_SIZE, move_pages, poll_hung_up};
+pub use sys::{NodeMap, PAGE_SIZE, move_pages, peer_cred, peer_pidfd, poll_hung_up};
 pub use transport::{
     CTRL_TAG, Completion, Config, ControlOutcome, CtrlToken, DROP_WAIT, QueueOpener, Transport,
     WATCH_TAG, ping_reply,

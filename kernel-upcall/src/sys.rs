@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::ptr::NonNull;
 
 use io_uring::{IoUring, cqueue, squeue};
@@ -275,4 +275,68 @@ pub fn move_pages(
         return Err(std::io::Error::last_os_error());
     }
     Ok(r as usize)
+}
+
+/// `SO_PEERPIDFD` (asm-generic, Linux 6.5).
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// The credentials of a Unix socket's peer when it connected
+/// (`SO_PEERCRED`): pid (0 when the peer is not visible in this PID
+/// namespace), uid, gid.
+///
+/// # Errors
+///
+/// `getsockopt(2)`'s.
+pub fn peer_cred(sock: BorrowedFd<'_>) -> std::io::Result<(i32, u32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a writable ucred and `len` its size; the kernel
+    // writes at most `len` bytes and updates `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((cred.pid, cred.uid, cred.gid))
+}
+
+/// A pidfd of the process that connected a Unix socket's peer end
+/// (`SO_PEERPIDFD`): unlike a pid from `SO_PEERCRED`, it cannot name a
+/// later process that reused the pid.
+///
+/// # Errors
+///
+/// `ENOPROTOOPT` before Linux 6.5; `getsockopt(2)`'s.
+pub fn peer_pidfd(sock: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is a writable int and `len` its size.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: the kernel just installed `fd` for us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

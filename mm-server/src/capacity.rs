@@ -246,7 +246,7 @@ pub struct NodeAccount {
     /// by credited placements, released after a grace period.
     retiring: u64,
     /// Pages reserved for the server's own moves onto the node (`Cold`
-    /// advice) that have not arrived yet (each reserves `worst`).
+    /// advice) in flight (each reserves `worst`).
     moving: u64,
     resident: u64,
     /// Sum of [`pfn_hash`] over the resident pfns: the set, comparable
@@ -457,25 +457,19 @@ impl NodeAccount {
     /// Reserve room for up to `want` pages the server is about to move
     /// onto the node itself (`move_pages(2)` for `Cold` advice), within
     /// the bounds of [`Self::grant`].  Returns the pages reserved: move no
-    /// more.  Arrivals (`PLACED`, reason `MIGRATION`) consume the
-    /// reservation ([`Self::move_arrived`]); [`Self::end_moves`] releases
-    /// what is left once no move is in flight.
+    /// more.  The reservation stands until [`Self::release_moves`], after
+    /// the move and after its `PLACED` events were applied: the pages that
+    /// arrived are then charged by [`Self::placed`] (for a moment they are
+    /// counted twice, which only errs on the safe side).
     pub fn reserve_moves(&mut self, want: u64) -> u64 {
         let n = self.room(want);
         self.moving += n;
         n
     }
 
-    /// `pages` the server moved arrived; they are charged by
-    /// [`Self::placed`] like any placement.
-    pub fn move_arrived(&mut self, pages: u64) {
+    /// Release `pages` reserved by [`Self::reserve_moves`].
+    pub fn release_moves(&mut self, pages: u64) {
         self.moving = self.moving.saturating_sub(pages);
-    }
-
-    /// No move is in flight and every event of the last one was applied:
-    /// release the rest of the reservations (pages that did not move).
-    pub fn end_moves(&mut self) {
-        self.moving = 0;
     }
 
     /// Pages reserved for moves in flight.
@@ -837,16 +831,31 @@ impl NodeAccount {
     /// Resident pfns that arrived at least `min_age_s` seconds ago (ages
     /// count up to [`MAX_AGE_S`]), at most `max`, the oldest first.
     pub fn aged(&self, min_age_s: u32, max: usize) -> Vec<u64> {
-        let mut v: Vec<(u32, u64)> = Vec::new();
-        for (k, b) in self.blocks.iter().enumerate() {
-            if b.resident == 0 {
-                continue;
-            }
+        let min = min_age_s.min(MAX_AGE_S);
+        let resident = |k: usize| {
             let end = ((k + 1) * BLOCK_PAGES).min(self.pages.len());
-            for j in k * BLOCK_PAGES..end {
-                let m = self.pages[j];
-                let age = self.age_of(m);
-                if m.state() != PageState::Empty && age >= min_age_s.min(MAX_AGE_S) {
+            (k * BLOCK_PAGES..end).filter(|&j| self.pages[j].state() != PageState::Empty)
+        };
+        let blocks = || (0..self.blocks.len()).filter(|&k| self.blocks[k].resident > 0);
+        // One pass counts pages by age (ages stop at MAX_AGE_S), so that
+        // the second collects at most `max`, the oldest first, with no
+        // allocation for the rest.
+        let mut by_age = vec![0usize; MAX_AGE_S as usize + 1];
+        for k in blocks() {
+            for j in resident(k) {
+                by_age[self.age_of(self.pages[j]).min(MAX_AGE_S) as usize] += 1;
+            }
+        }
+        let (mut cut, mut n) = (MAX_AGE_S, 0);
+        while cut > min && n + by_age[cut as usize] < max {
+            n += by_age[cut as usize];
+            cut -= 1;
+        }
+        let mut v: Vec<(u32, u64)> = Vec::with_capacity(max.min(n + by_age[cut as usize]));
+        for k in blocks() {
+            for j in resident(k) {
+                let age = self.age_of(self.pages[j]).min(MAX_AGE_S);
+                if age >= cut.max(min) {
                     v.push((age, self.start_pfn + j as u64));
                 }
             }

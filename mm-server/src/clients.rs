@@ -109,29 +109,56 @@ struct Bucket {
     at: Instant,
 }
 
+/// Real, effective, saved and filesystem ids, as `/proc/<pid>/status`
+/// lists them.
+type Ids = [u32; 4];
+
 /// The caller, as it was when it connected.
 struct Peer {
+    /// Its pid in the server's PID namespace.
     pid: u32,
-    uid: u32,
-    /// Held so that the pid cannot be reused while we serve it; polls
-    /// readable once the process has exited.
+    uids: Ids,
+    gids: Ids,
+    /// The process that connected (`SO_PEERPIDFD`): it polls readable
+    /// once that process has exited, and never names a successor.
     pidfd: OwnedFd,
+    /// Its effective capabilities, honoured only when it shares the
+    /// server's user namespace (0 otherwise).
     caps: u64,
+    /// It shares the server's PID namespace: the pids it names are ours.
+    same_pid_ns: bool,
 }
 
 impl Peer {
     fn of(s: &UnixStream) -> io::Result<Self> {
-        let cred = rustix::net::sockopt::socket_peercred(s)?;
-        let pid = cred.pid.as_raw_nonzero().get() as u32;
-        let pidfd = rustix::process::pidfd_open(cred.pid, rustix::process::PidfdFlags::empty())?;
+        use std::os::fd::AsFd as _;
+        let (raw_pid, _, _) = mm_upcall_kernel::peer_cred(s.as_fd())?;
+        let pidfd = match mm_upcall_kernel::peer_pidfd(s.as_fd()) {
+            Ok(fd) => fd,
+            // Before Linux 6.5: the pid, with the race that implies.
+            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+                let p = rustix::process::Pid::from_raw(raw_pid)
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+                rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())?
+            }
+            Err(e) => return Err(e),
+        };
+        let pid = pidfd_pid(&pidfd)?;
+        let ids =
+            |key| status_ids(pid, key).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH));
+        let (uids, gids) = (ids("Uid:")?, ids("Gid:")?);
+        let same_user_ns = same_ns(pid, "user");
         let caps = status_field(pid, "CapEff:")
             .and_then(|v| u64::from_str_radix(&v, 16).ok())
+            .filter(|_| same_user_ns)
             .unwrap_or(0);
         let peer = Self {
             pid,
-            uid: cred.uid.as_raw(),
+            uids,
+            gids,
             pidfd,
             caps,
+            same_pid_ns: same_ns(pid, "pid"),
         };
         // What /proc said was about this process, not a successor.
         if !peer.alive() {
@@ -141,33 +168,76 @@ impl Peer {
     }
 
     fn alive(&self) -> bool {
-        use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
-        let zero = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        matches!(poll(&mut fds, Some(&zero)), Ok(0))
+        alive(&self.pidfd)
     }
 }
 
-/// Whether a caller with capabilities `caps` and uid `uid` may advise the
-/// memory of another process (of uid `target`, once known), as
-/// `process_madvise(2)` allows: `CAP_SYS_NICE`, and the same uid or
-/// `CAP_SYS_PTRACE`.
+/// Whether the process of `pidfd` still runs.
+fn alive(pidfd: &OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&zero)), Ok(0))
+}
+
+/// The pid (in the server's PID namespace) of the process `pidfd` refers
+/// to, from its `fdinfo`.
+fn pidfd_pid(pidfd: &OwnedFd) -> io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|&p| p > 0)
+        .map(|p| p as u32)
+        // -1: exited; 0: not visible from here.
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
+}
+
+/// Whether process `pid` shares the server's namespace of `kind` (a
+/// kernel built without that kind of namespace has only one).
+fn same_ns(pid: u32, kind: &str) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = |p: String| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    match (
+        ino(format!("/proc/{pid}/ns/{kind}")),
+        ino(format!("/proc/self/ns/{kind}")),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        (Err(a), Err(b)) => {
+            a.kind() == io::ErrorKind::NotFound && b.kind() == io::ErrorKind::NotFound
+        }
+        _ => false,
+    }
+}
+
+/// The four ids of a `Uid:` or `Gid:` line of `/proc/<pid>/status`.
+fn status_ids(pid: u32, key: &str) -> Option<Ids> {
+    let v: Vec<u32> = status_field(pid, key)?
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    v.try_into().ok()
+}
+
+/// Whether a caller with effective capabilities `caps` may advise the
+/// memory of another process, as `process_madvise(2)` allows:
+/// `CAP_SYS_NICE`, and either `CAP_SYS_PTRACE` or the right to ptrace it
+/// without privilege (`ptrace_like`: the target's real, effective and
+/// saved uids and gids are the caller's real ones, and it is dumpable).
 ///
 /// # Errors
 ///
 /// `EPERM` when it may not.
-pub fn may_advise_other(caps: u64, uid: u32, target: Option<u32>) -> Result<(), (i32, ErrorCode)> {
+pub fn may_advise_other(caps: u64, ptrace_like: bool) -> Result<(), (i32, ErrorCode)> {
     let has = |cap: u32| caps & (1 << cap) != 0;
-    let denied = (-libc::EPERM, ErrorCode::PermissionDenied);
-    if !has(CAP_SYS_NICE) {
-        return Err(denied);
-    }
-    match target {
-        Some(t) if t != uid && !has(CAP_SYS_PTRACE) => Err(denied),
-        _ => Ok(()),
+    if has(CAP_SYS_NICE) && (ptrace_like || has(CAP_SYS_PTRACE)) {
+        Ok(())
+    } else {
+        Err((-libc::EPERM, ErrorCode::PermissionDenied))
     }
 }
 
@@ -250,9 +320,12 @@ impl Client<'_> {
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The burst holds at least one whole request (64 MiB), so a rate
+        // below that slows requests down instead of refusing them all.
         let (rps, bps) = (
             f64::from(self.limits.requests_per_s),
-            self.limits.advise_bytes_per_s as f64,
+            (self.limits.advise_bytes_per_s as f64)
+                .max((MAX_REQUEST_PAGES * PAGE_SIZE as u64) as f64),
         );
         let b = g.entry(uid).or_insert(Bucket {
             requests: rps,
@@ -272,24 +345,48 @@ impl Client<'_> {
     }
 
     /// The process a request names, checked as `process_madvise(2)`
-    /// would: its pid and a pidfd that holds it.
+    /// would, and a pidfd that holds it (`None`: the caller itself).
     fn target(&self, peer: &Peer, pid: u32) -> Result<Option<OwnedFd>, Refusal> {
-        if pid == 0 || pid == peer.pid {
-            return if peer.alive() {
-                Ok(None)
-            } else {
-                Err((-libc::ESRCH, ErrorCode::NotFound))
-            };
+        let gone = (-libc::ESRCH, ErrorCode::NotFound);
+        let denied = (-libc::EPERM, ErrorCode::PermissionDenied);
+        if pid == 0 || (peer.same_pid_ns && pid == peer.pid) {
+            return if peer.alive() { Ok(None) } else { Err(gone) };
         }
-        may_advise_other(peer.caps, peer.uid, None)?;
-        let p = rustix::process::Pid::from_raw(pid as i32)
-            .ok_or((-libc::ESRCH, ErrorCode::NotFound))?;
+        // A pid named from another PID namespace is not ours to read.
+        if !peer.same_pid_ns {
+            return Err(denied);
+        }
+        may_advise_other(peer.caps, true)?;
+        let p = rustix::process::Pid::from_raw(pid as i32).ok_or(gone)?;
         let fd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
-            .map_err(|_| (-libc::ESRCH, ErrorCode::NotFound))?;
-        let uid = status_field(pid, "Uid:")
-            .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
-            .ok_or((-libc::ESRCH, ErrorCode::NotFound))?;
-        may_advise_other(peer.caps, peer.uid, Some(uid))?;
+            .map_err(|_| gone)?;
+        let (uids, gids) = (
+            status_ids(pid, "Uid:").ok_or(gone)?,
+            status_ids(pid, "Gid:").ok_or(gone)?,
+        );
+        // A process that is not dumpable has its /proc directory owned by
+        // root, whatever its uid.
+        let dumpable = {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == uids[1])
+        };
+        let ptrace_like = uids[..3].iter().all(|&u| u == peer.uids[0])
+            && gids[..3].iter().all(|&g| g == peer.gids[0])
+            && dumpable;
+        if !alive(&fd) {
+            return Err(gone);
+        }
+        tracing::debug!(
+            peer = peer.pid,
+            target = pid,
+            caps = format_args!("{:#x}", peer.caps),
+            ptrace_like,
+            dumpable,
+            ?uids,
+            peer_uids = ?peer.uids,
+            "advice on another process"
+        );
+        may_advise_other(peer.caps, ptrace_like)?;
         Ok(Some(fd))
     }
 
@@ -317,7 +414,7 @@ impl Client<'_> {
         let addrs = Self::pages(addr, len)?;
         let _held = self.target(peer, pid)?;
         let target = if pid == 0 { peer.pid } else { pid };
-        self.charge(peer.uid, len)?;
+        self.charge(peer.uids[0], len)?;
         let mut r = AdviseReplyRec {
             pages: addrs.len() as u64,
             ..AdviseReplyRec::default()
@@ -328,7 +425,7 @@ impl Client<'_> {
         let mut status = vec![0; addrs.len()];
         move_pages(target, &addrs, None, &mut status).map_err(os_refusal)?;
         let managed = |n: i32| n >= 0 && self.core.managed.contains(&(n as u16));
-        let (want, node): (Vec<u64>, u16) = if advice == Advice::Cold {
+        let mut want: Vec<u64> = if advice == Advice::Cold {
             r.already = status.iter().filter(|&&n| managed(n)).count() as u64;
             let present: Vec<u64> = addrs
                 .iter()
@@ -340,35 +437,37 @@ impl Client<'_> {
             // them off the node, and so does the server, whoever asks.
             let locked =
                 locked_pages(target, &present).map_err(|_| (-libc::ESRCH, ErrorCode::NotFound))?;
-            let want = present
+            present
                 .into_iter()
                 .zip(locked)
                 .filter(|&(_, l)| !l)
                 .map(|(a, _)| a)
-                .collect();
-            (want, self.core.managed[0])
+                .collect()
         } else {
             r.already = status.iter().filter(|&&n| n >= 0 && !managed(n)).count() as u64;
-            let want = addrs
+            addrs
                 .iter()
                 .zip(&status)
                 .filter(|&(_, &n)| managed(n))
                 .map(|(&a, _)| a)
-                .collect();
-            (want, self.core.fast)
+                .collect()
         };
-        let mut want = want;
+        // Hot and KeepFast go to the fast node; Cold to the node the core
+        // reserves room on.
+        let mut node = self.core.fast;
         if !want.is_empty() {
-            let cold = advice == Advice::Cold;
-            let mut begun = 0;
-            if cold {
-                let (n, b) = self.reserve(node, want.len() as u64);
-                begun = b;
-                match n {
-                    Ok(n) => want.truncate(n as usize),
+            let mut tickets = Vec::new();
+            if advice == Advice::Cold {
+                let (got, t) = self.reserve(want.len() as u64);
+                tickets = t;
+                match got {
+                    Ok((nid, n)) => {
+                        node = nid;
+                        want.truncate(n as usize);
+                    }
                     Err(e) => {
-                        for _ in 0..begun {
-                            self.core.end_move(node);
+                        for t in tickets {
+                            self.core.end_move(t);
                         }
                         return Err(e);
                     }
@@ -380,8 +479,8 @@ impl Client<'_> {
             } else {
                 move_pages(target, &want, Some(i32::from(node)), &mut st)
             };
-            for _ in 0..begun {
-                self.core.end_move(node);
+            for t in tickets {
+                self.core.end_move(t);
             }
             moved.map_err(os_refusal)?;
             r.moved = st.iter().filter(|&&n| n == i32::from(node)).count() as u64;
@@ -399,34 +498,41 @@ impl Client<'_> {
         Ok(r)
     }
 
-    /// Reserve room for up to `pages` on `node`, waiting up to
+    /// Reserve room for up to `pages` on a managed node, waiting up to
     /// [`MOVE_WAIT`] while the server makes room (takes its credit back
-    /// from the kernel) or cannot place pages yet.  Returns the pages
-    /// reserved (or the refusal) and how many reservations were begun:
-    /// end each with `end_move` after the move.
-    fn reserve(&self, node: u16, pages: u64) -> (Result<u64, Refusal>, u32) {
+    /// from the kernel) or cannot place pages yet.  Returns the node and
+    /// the pages reserved (or the refusal), and the tickets to end with
+    /// `end_move` after the move.
+    fn reserve(&self, pages: u64) -> (Result<(u16, u64), Refusal>, Vec<u64>) {
         let busy = (-libc::EAGAIN, ErrorCode::Busy);
         let deadline = Instant::now() + MOVE_WAIT;
-        let (mut got, mut begun) = (0, 0);
+        let (mut got, mut node, mut tickets) = (0, None, Vec::new());
         loop {
-            let more = match self.core.begin_move(node, pages - got) {
-                Ok(Ok((n, more))) => {
-                    begun += 1;
-                    got += n;
-                    more
+            let more = match self.core.begin_move(pages - got) {
+                Ok(Ok(m)) if node.is_none_or(|n| n == m.nid) => {
+                    node = Some(m.nid);
+                    tickets.push(m.ticket);
+                    got += m.pages;
+                    m.more
+                }
+                // The node changed (drained meanwhile): move what we have.
+                Ok(Ok(m)) => {
+                    self.core.end_move(m.ticket);
+                    false
                 }
                 // Not now (books being rebuilt, evicting, just started).
                 Ok(Err(MoveRefused::NotNow)) => true,
                 Ok(Err(MoveRefused::NotManaged)) => {
-                    return (Err((-libc::ENODEV, ErrorCode::NotFound)), begun);
+                    return (Err((-libc::ENODEV, ErrorCode::NotFound)), tickets);
                 }
-                Err(_) => {
-                    // The loop may still take the request: end it too.
-                    return (Err(busy), begun + 1);
-                }
+                // The loop ends a late reservation itself.
+                Err(_) => return (Err(busy), tickets),
             };
             if got == pages || !more || Instant::now() >= deadline {
-                return (if got == 0 && more { Err(busy) } else { Ok(got) }, begun);
+                return match node {
+                    Some(n) => (Ok((n, got)), tickets),
+                    None => (Err(busy), tickets),
+                };
             }
             std::thread::sleep(MOVE_RETRY);
         }
@@ -442,7 +548,7 @@ impl Client<'_> {
         let addrs = Self::pages(addr, len)?;
         let _held = self.target(peer, pid)?;
         let target = if pid == 0 { peer.pid } else { pid };
-        self.charge(peer.uid, 0)?;
+        self.charge(peer.uids[0], 0)?;
         let mut status = vec![0; addrs.len()];
         if !addrs.is_empty() {
             move_pages(target, &addrs, None, &mut status).map_err(os_refusal)?;

@@ -34,7 +34,7 @@ use mm_upcall_kernel::{Completion, ControlOutcome, CtrlToken, NodeMap, PAGE_SIZE
 
 use crate::capacity::{self, NodeAccount};
 use crate::config::Config;
-use crate::core::{CmdId, Core, CoreConfig, MoveRefused, NodeRefused, Phase, RuntimePolicy};
+use crate::core::{CmdId, Core, CoreConfig, Move, MoveRefused, NodeRefused, Phase, RuntimePolicy};
 use crate::metrics::Snapshot;
 
 /// Features the server needs from the kernel.
@@ -62,12 +62,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 enum Request {
     BeginMove {
-        nid: u16,
         pages: u64,
-        reply: mpsc::SyncSender<Result<(u64, bool), MoveRefused>>,
+        reply: mpsc::SyncSender<Result<Move, MoveRefused>>,
     },
     EndMove {
-        nid: u16,
+        ticket: u64,
     },
     Sizes {
         nid: u16,
@@ -143,12 +142,16 @@ impl CoreHandle {
 /// Answer one client request from the core.
 fn answer(core: &mut Core, r: Request, now: u64) {
     match r {
-        Request::BeginMove { nid, pages, reply } => {
-            // Each successful begin is ended by the thread: a thread that
-            // timed out still sends EndMove.
-            let _ = reply.send(core.begin_move(nid, pages, now));
+        Request::BeginMove { pages, reply } => {
+            let r = core.begin_move(pages, now);
+            // A thread that stopped waiting never ends it: end it here.
+            if reply.send(r).is_err()
+                && let Ok(m) = r
+            {
+                core.end_move(m.ticket);
+            }
         }
-        Request::EndMove { nid } => core.end_move(nid),
+        Request::EndMove { ticket } => core.end_move(ticket),
         Request::Sizes { nid, pfns, reply } => {
             let sizes = pfns.iter().map(|&p| core.page_size(nid, p)).collect();
             let _ = reply.send(sizes);
@@ -203,28 +206,25 @@ impl CoreHandle {
         })
     }
 
-    /// Reserve room on node `nid` for moving up to `pages` pages there
-    /// ([`Core::begin_move`]); end every successful call with
-    /// [`Self::end_move`], after the move.
+    /// Reserve room for moving up to `pages` pages onto a managed node
+    /// ([`Core::begin_move`]); end every reservation with
+    /// [`Self::end_move`] after the move.  A reservation whose answer
+    /// comes too late is ended by the loop itself.
     ///
     /// # Errors
     ///
     /// The loop is stopping or did not answer in time.
-    pub fn begin_move(
-        &self,
-        nid: u16,
-        pages: u64,
-    ) -> std::io::Result<Result<(u64, bool), MoveRefused>> {
+    pub fn begin_move(&self, pages: u64) -> std::io::Result<Result<Move, MoveRefused>> {
         let (reply, rx) = mpsc::sync_channel(1);
-        self.send(Request::BeginMove { nid, pages, reply })?;
+        self.send(Request::BeginMove { pages, reply })?;
         Self::wait(&rx)
     }
 
-    /// The move begun by [`Self::begin_move`] ended (its pages' events are
-    /// queued: the loop reads them before releasing the reservation).
-    pub fn end_move(&self, nid: u16) {
+    /// The move of `ticket` ended (its pages' events are queued: the loop
+    /// reads them before releasing the reservation).
+    pub fn end_move(&self, ticket: u64) {
         // A stopping loop releases everything anyway.
-        let _ = self.send(Request::EndMove { nid });
+        let _ = self.send(Request::EndMove { ticket });
     }
 
     /// Start draining node `nid` ([`Core::drain_node`]).
@@ -509,8 +509,6 @@ impl Driver {
             let now = self.now();
             self.core.events_applied(now);
             if std::mem::take(&mut self.requests_waiting) {
-                // After the events: a move's PLACED reports are in the
-                // books before its reservation is released.
                 self.requests()?;
             }
             if let Some(why) = self.core.take_fatal() {
@@ -594,10 +592,18 @@ impl Driver {
         Ok(())
     }
 
-    /// Answer the client threads' requests.
+    /// Answer the client threads' requests: those queued now, after
+    /// reading every event queued by then, so that a move's `PLACED`
+    /// reports are in the books before its reservation is released.
     fn requests(&mut self) -> Result<()> {
+        let queued: Vec<Request> = self.inbox.rx.try_iter().collect();
+        if queued.is_empty() {
+            return Ok(());
+        }
+        self.read_events()?;
         let now = self.now();
-        while let Ok(r) = self.inbox.rx.try_recv() {
+        self.core.events_applied(now);
+        for r in queued {
             answer(&mut self.core, r, now);
         }
         Ok(())
@@ -605,6 +611,8 @@ impl Driver {
 
     /// Apply every queued event to the core.
     fn read_events(&mut self) -> Result<()> {
+        let now = self.now();
+        self.core.clock(now);
         loop {
             let batch = self.t.read_events().context("read events")?;
             if batch.is_empty() {

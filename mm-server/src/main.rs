@@ -104,7 +104,7 @@ fn serve(cfg: &Config) -> Result<()> {
     let _client_socket = RemoveOnDrop(sock.clone());
     let limits = clients::Limits {
         requests_per_s: cfg.server.client_requests_per_s,
-        advise_bytes_per_s: cfg.server.client_advise_mib_per_s << 20,
+        advise_bytes_per_s: cfg.server.client_advise_mib_per_s.saturating_mul(1 << 20),
     };
     clients::spawn(client_listener, driver.handle(), limits)
         .context("cannot start the client socket thread")?;

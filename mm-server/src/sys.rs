@@ -67,8 +67,10 @@ pub fn mlockall() -> io::Result<()> {
 ///
 /// `getsockopt(SO_PEERCRED)`'s.
 pub fn peer_uid(s: &UnixStream) -> io::Result<u32> {
-    let cred = rustix::net::sockopt::socket_peercred(s)?;
-    Ok(cred.uid.as_raw())
+    // Not rustix's socket_peercred: its Pid cannot hold the 0 a peer in
+    // another PID namespace gets.
+    use std::os::fd::AsFd as _;
+    Ok(mm_upcall_kernel::peer_cred(s.as_fd())?.1)
 }
 
 /// Tell systemd we are ready (`READY=1` to `$NOTIFY_SOCKET`), if it asked.

@@ -211,13 +211,50 @@ fn requests_over_the_rate_limit_are_refused_busy() {
 }
 
 #[test]
-fn another_process_needs_cap_sys_nice_and_its_uid_or_cap_sys_ptrace() {
+fn another_process_needs_cap_sys_nice_and_the_right_to_ptrace_it() {
     let nice = 1 << 23;
     let ptrace = 1 << 19;
     let eperm = Err((-libc::EPERM, ErrorCode::PermissionDenied));
-    assert_eq!(may_advise_other(0, 1000, None), eperm);
-    assert_eq!(may_advise_other(ptrace, 1000, Some(1000)), eperm);
-    assert_eq!(may_advise_other(nice, 1000, Some(1000)), Ok(()));
-    assert_eq!(may_advise_other(nice, 1000, Some(0)), eperm);
-    assert_eq!(may_advise_other(nice | ptrace, 1000, Some(0)), Ok(()));
+    assert_eq!(may_advise_other(0, true), eperm);
+    assert_eq!(may_advise_other(ptrace, true), eperm);
+    assert_eq!(may_advise_other(nice, true), Ok(()));
+    assert_eq!(may_advise_other(nice, false), eperm);
+    assert_eq!(may_advise_other(nice | ptrace, false), Ok(()));
+}
+
+#[test]
+fn a_process_of_the_same_user_may_be_advised_with_cap_sys_nice() {
+    use std::os::fd::AsFd as _;
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap();
+    let path = server("other", LIMITS);
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let p = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    let fd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).unwrap();
+    let mut c = Client::connect_to(&path).unwrap();
+    let r = c.advise_process(fd.as_fd(), 0x1000, 4096, Advice::Normal);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if caps & (1 << 23) != 0 {
+        assert_eq!(r.unwrap().pages, 1);
+    } else {
+        assert!(
+            matches!(
+                r,
+                Err(Error::Refused {
+                    code: ErrorCode::PermissionDenied,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    std::fs::remove_file(&path).unwrap();
 }

@@ -5,7 +5,7 @@
 
 use mm_server::capacity::{Geometry, MAX_AGE_S, NodeAccount};
 use mm_server::core::{
-    Core, CoreConfig, Life, NodeRefused, RETIRE_GRACE_NS, RuntimePolicy, TICK_NS,
+    Core, CoreConfig, Life, MoveRefused, NodeRefused, RETIRE_GRACE_NS, RuntimePolicy, TICK_NS,
 };
 use mm_server::policy::PolicyConfig;
 use mm_upcall_proto::control::Control;
@@ -80,8 +80,8 @@ fn cold_moves_take_the_room_back_from_the_kernels_credit() {
     assert!(credit > 0, "the kernel was granted the node's room");
     // All the room is promised to the kernel: nothing now, but the credit
     // is taken back (SET_CREDIT 0) and more room is on the way.
-    let (got, more) = c.begin_move(1, 2048, now).unwrap();
-    assert_eq!((got, more), (0, true));
+    let m = c.begin_move(2048, now).unwrap();
+    assert_eq!((m.nid, m.pages, m.more), (1, 0, true));
     let cmds = run_commands(&mut c, now, |_| 0);
     assert!(
         cmds.contains(&Control::SetCredit { nid: 1, pages: 0 }),
@@ -99,15 +99,16 @@ fn cold_moves_take_the_room_back_from_the_kernels_credit() {
             "credit granted while a move waits"
         );
     }
-    let (got, _) = c.begin_move(1, 2048, now).unwrap();
-    assert_eq!(got, 2048);
-    // The pages arrive (the server's move_pages), then the moves end.
+    let m2 = c.begin_move(2048, now).unwrap();
+    assert_eq!(m2.pages, 2048);
+    // The pages arrive (the server's move_pages), then the moves end: the
+    // reservation is released once their events are in.
     for p in 0..2048 {
         place(&mut c, START + p, PlaceReason::Migration);
     }
+    c.end_move(m.ticket);
+    c.end_move(m2.ticket);
     assert_eq!(c.nodes()[0].account.moving(), 0);
-    c.end_move(1);
-    c.end_move(1);
     assert_eq!(c.nodes()[0].account.resident_pages(), 2048);
     // Credit flows again.
     now += TICK_NS;
@@ -118,11 +119,91 @@ fn cold_moves_take_the_room_back_from_the_kernels_credit() {
             .any(|k| matches!(k, Control::SetCredit { pages: 1.., .. })),
         "{cmds:?}"
     );
-    // What was reserved and never arrived is released.
-    let (got, _) = c.begin_move(1, 10, now).unwrap();
-    c.end_move(1);
-    assert!(got <= 10);
+}
+
+#[test]
+fn overlapping_moves_each_release_their_own_reservation() {
+    let (mut c, now) = serving();
+    // Moves that never end together (two clients alternating): each end
+    // releases that move's reservation, so nothing piles up.
+    let mut open = c.begin_move(0, now).unwrap();
+    for _ in 0..100 {
+        let next = c.begin_move(10, now).unwrap();
+        c.end_move(open.ticket);
+        open = next;
+        assert!(c.nodes()[0].account.moving() <= 10);
+    }
+    c.end_move(open.ticket);
     assert_eq!(c.nodes()[0].account.moving(), 0);
+    // An unknown or repeated ticket changes nothing.
+    c.end_move(open.ticket);
+    c.end_move(u64::MAX);
+    assert_eq!(c.nodes()[0].account.moving(), 0);
+}
+
+#[test]
+fn a_detached_node_is_left_alone_by_overflows_and_the_stop() {
+    let (mut c, mut now) = serving();
+    c.drain_node(1, now).unwrap();
+    for _ in 0..50 {
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+        run_commands(&mut c, now, |_| 0);
+        c.events_applied(now);
+    }
+    assert_eq!(c.nodes()[0].life, Life::Detached);
+    // Lost events, then SIGTERM: nothing is asked about the detached node
+    // (the kernel would refuse it with ENOENT), and the server stops.
+    c.event(&Event::Overflow { lost: 10 });
+    c.event_undecodable();
+    c.events_applied(now);
+    c.signal(1, now);
+    for _ in 0..50 {
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+        let cmds = run_commands(&mut c, now, |_| -2);
+        assert!(cmds.is_empty(), "commands about a detached node: {cmds:?}");
+        c.events_applied(now);
+    }
+    assert_eq!(c.take_fatal(), None);
+    assert_eq!(c.phase(), mm_server::core::Phase::Done);
+    assert!(matches!(c.begin_move(1, now), Err(MoveRefused::NotManaged)));
+}
+
+#[test]
+fn a_drain_waits_for_moves_in_flight() {
+    let (mut c, mut now) = serving();
+    // The first move takes the kernel's credit back; once the grace
+    // period is over a second one gets room.
+    let first = c.begin_move(1, now).unwrap();
+    run_commands(&mut c, now, |_| 0);
+    for _ in 0..(2 * RETIRE_GRACE_NS / TICK_NS) {
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+        run_commands(&mut c, now, |_| 0);
+    }
+    let m = c.begin_move(1, now).unwrap();
+    assert_eq!(m.pages, 1);
+    c.end_move(first.ticket);
+    c.drain_node(1, now).unwrap();
+    for _ in 0..20 {
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+        let cmds = run_commands(&mut c, now, |_| 0);
+        assert!(
+            !cmds.contains(&Control::DetachNode { nid: 1 }),
+            "detached under a move"
+        );
+        c.events_applied(now);
+    }
+    c.end_move(m.ticket);
+    for _ in 0..20 {
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+        run_commands(&mut c, now, |_| 0);
+        c.events_applied(now);
+    }
+    assert_eq!(c.nodes()[0].life, Life::Detached);
 }
 
 #[test]
@@ -163,7 +244,7 @@ fn a_drained_node_is_emptied_shown_empty_and_detached() {
     assert_eq!(c.nodes()[0].life, Life::Detached);
     assert_eq!(c.nodes()[0].account.resident_pages(), 0);
     // Nothing more for it: no credit, no moves, no operator commands.
-    assert!(c.begin_move(1, 1, now).is_err());
+    assert!(c.begin_move(1, now).is_err());
     assert_eq!(
         c.evict_queued(1, vec![START], now),
         Err(NodeRefused::Draining)

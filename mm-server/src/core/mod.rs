@@ -31,7 +31,7 @@ use mm_upcall_proto::upcall::{Fault, Upcall};
 use mm_upcall_proto::verdict::Verdict;
 
 pub use self::node::{Books, CreditCmd, Life, Node, Watermark};
-use crate::capacity::{AccountError, Level, NodeAccount, PageState};
+use crate::capacity::{AccountError, BLOCK_PAGES, Level, NodeAccount, PageState};
 use crate::metrics::{Metrics, NodeGauges, Snapshot};
 use crate::policy::{Policy, PolicyConfig};
 
@@ -104,10 +104,24 @@ pub enum NodeRefused {
     Stopping,
 }
 
+/// Room reserved by [`Core::begin_move`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// Give it back to [`Core::end_move`].
+    pub ticket: u64,
+    /// The node to move to.
+    pub nid: u16,
+    /// Pages reserved: move no more.
+    pub pages: u64,
+    /// Room is being made (the kernel's credit taken back): ask again
+    /// shortly for the rest.
+    pub more: bool,
+}
+
 /// Why [`Core::begin_move`] reserved nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MoveRefused {
-    /// The node is not one of ours.
+    /// No managed node is served (none, or all drained).
     NotManaged,
     /// Not now: the books are being rebuilt, the node is evicting, the
     /// server is draining or has just started.
@@ -158,6 +172,8 @@ pub struct Core {
     out: VecDeque<CmdId>,
     controls: HashMap<CmdId, Control>,
     next_id: u64,
+    /// The next ticket of a move (see [`Core::begin_move`]).
+    next_ticket: u64,
     /// Node promotions (evictions) go to.
     fast_nid: u16,
     /// Unmanaged nodes promotions may go to.
@@ -221,6 +237,7 @@ impl Core {
             out: VecDeque::new(),
             controls: HashMap::new(),
             next_id: 0,
+            next_ticket: 0,
             fast_nid,
             fast_nodes,
             start: now,
@@ -370,58 +387,66 @@ impl Core {
 
     // ---- the server's own moves (client advice) -------------------------
 
-    /// Reserve room on managed node `nid` for moving up to `want` pages
-    /// there (`Cold` advice): returns how many the mover may move, and
-    /// whether more room is being made (ask again shortly).  Each reserved
-    /// page is held at the worst case, as credit is, until it arrives or
-    /// [`Core::end_move`] releases it.
+    /// Reserve room on the first served managed node for moving up to
+    /// `want` pages there (`Cold` advice).  Each reserved page is held at
+    /// the worst case, as credit is, until [`Core::end_move`] with the
+    /// returned ticket, after the move and after its events were applied.
     ///
     /// The room may be promised to the kernel as demotion credit: then
     /// the credit is taken back (`SET_CREDIT` 0; it stays reserved for the
     /// grace period of [`RETIRE_GRACE_NS`] after the command), and no
-    /// credit is granted until the moves end or [`MOVE_WAIT_NS`] passes.
+    /// credit is granted until the node's moves end or [`MOVE_WAIT_NS`]
+    /// passes, once per such episode; [`Move::more`] says room is coming
+    /// (ask again shortly).
     ///
     /// # Errors
     ///
-    /// [`MoveRefused`]: the node is not managed, or no placement is
+    /// [`MoveRefused`]: no managed node is served, or no placement is
     /// allowed now (books being rebuilt, evicting, draining, or just
     /// started).
-    pub fn begin_move(
-        &mut self,
-        nid: u16,
-        want: u64,
-        now: u64,
-    ) -> Result<(u64, bool), MoveRefused> {
-        let i = self.node_index(nid).ok_or(MoveRefused::NotManaged)?;
+    pub fn begin_move(&mut self, want: u64, now: u64) -> Result<Move, MoveRefused> {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.life == Life::Active)
+            .ok_or(MoveRefused::NotManaged)?;
         if !self.placement_allowed(i, now) {
             return Err(MoveRefused::NotNow);
         }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
         let n = &mut self.nodes[i];
         let got = n.account.reserve_moves(want);
-        n.moves += 1;
-        let short = got < want;
-        let more = short && (n.account.credit() > 0 || n.account.retiring() > 0);
-        if more {
+        n.moves.push((ticket, got));
+        if got < want && n.moves_waiting_until.is_none() && n.account.credit() > 0 {
             n.moves_waiting_until = Some(now + MOVE_WAIT_NS);
-            if n.account.credit() > 0 {
-                n.account.retire();
-                n.muted = true;
-                self.set_credit(i, 0);
-            }
+            n.account.retire();
+            n.muted = true;
+            self.set_credit(i, 0);
         }
-        Ok((got, more))
+        let n = &self.nodes[i];
+        let more = got < want
+            && n.moves_waiting_until.is_some_and(|t| now < t)
+            && (n.account.retiring() > 0 || n.credit_busy());
+        Ok(Move {
+            ticket,
+            nid: n.nid,
+            pages: got,
+            more,
+        })
     }
 
-    /// A move begun with [`Core::begin_move`] ended, and every event
-    /// queued until then was applied: with no other move in flight, what
-    /// was reserved and did not arrive is released.
-    pub fn end_move(&mut self, nid: u16) {
-        if let Some(i) = self.node_index(nid) {
-            let n = &mut self.nodes[i];
-            n.moves = n.moves.saturating_sub(1);
-            if n.moves == 0 {
-                n.account.end_moves();
-                n.moves_waiting_until = None;
+    /// The move of `ticket` ended and every event queued until then was
+    /// applied: its reservation is released.  Unknown tickets are ignored.
+    pub fn end_move(&mut self, ticket: u64) {
+        for n in &mut self.nodes {
+            if let Some(k) = n.moves.iter().position(|&(t, _)| t == ticket) {
+                let (_, pages) = n.moves.swap_remove(k);
+                n.account.release_moves(pages);
+                if n.moves.is_empty() {
+                    n.moves_waiting_until = None;
+                }
+                return;
             }
         }
     }
@@ -580,7 +605,8 @@ impl Core {
     fn drain_busy(&mut self, i: usize, now: u64) -> bool {
         let n = &self.nodes[i];
         let in_flight = n.credit_busy();
-        if n.rebuilding() {
+        // A move begun before the drain may still land pages.
+        if n.rebuilding() || !n.moves.is_empty() {
             return true;
         }
         if n.account.resident_pages() > 0 {
@@ -611,6 +637,15 @@ impl Core {
     pub fn event_undecodable(&mut self) {
         for n in &mut self.nodes {
             n.make_stale();
+        }
+    }
+
+    /// The time, for stamping the pages that arrive next (the tick sets
+    /// it too; call this before applying a batch of events, so that a
+    /// late tick does not make pages look older than they are).
+    pub fn clock(&mut self, now: u64) {
+        for n in &mut self.nodes {
+            n.account.set_clock(now / S, 0);
         }
     }
 
@@ -660,12 +695,6 @@ impl Core {
                         n.counters.demoted += pages;
                     } else {
                         n.counters.placed_other += pages;
-                    }
-                    if reason == PlaceReason::Migration {
-                        // Ours, if a move is in flight (compaction on the
-                        // node also says MIGRATION: it then uses up a
-                        // reservation early, which only reserves less).
-                        n.account.move_arrived(pages);
                     }
                     n.drain_checked = false;
                 }
@@ -927,6 +956,9 @@ impl Core {
 
     /// Start, continue or finish a RESYNC of node `i`.
     fn resync_step(&mut self, i: usize) {
+        if self.nodes[i].gone() {
+            return;
+        }
         if self.nodes[i].books == Books::Stale {
             // Forget the books, take back the credit, and ask for every
             // page again.
@@ -976,6 +1008,10 @@ impl Core {
     /// SET_CREDIT, one at a time per node.
     fn set_credit(&mut self, i: usize, pages: u64) {
         let n = &mut self.nodes[i];
+        if n.gone() {
+            // The kernel would refuse it (ENOENT): the node is not managed.
+            return;
+        }
         if let CreditCmd::Setting { next } = &mut n.credit_cmd {
             *next = Some(pages);
             return;
@@ -1028,9 +1064,15 @@ impl Core {
 
     fn tick_node(&mut self, i: usize, now: u64) {
         let n = &mut self.nodes[i];
-        // Four blocks a tick sweep a 1 TiB node's stamps in 820 s, well
-        // within MAX_AGE_S.
-        n.account.set_clock(now / S, 4);
+        // Every block within MAX_AGE_S (40,960 ticks), with room to spare:
+        // four blocks a tick sweep a 1 TiB node in 820 s.
+        let blocks = n
+            .account
+            .nr_pages()
+            .div_ceil(BLOCK_PAGES)
+            .div_ceil(20_000)
+            .max(4);
+        n.account.set_clock(now / S, blocks);
         match n.life {
             Life::Active => {}
             Life::Draining => return self.node_drain_step(i, now),

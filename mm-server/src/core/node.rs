@@ -82,8 +82,9 @@ pub struct Node {
     /// Drain: a RESYNC was started to show the node empty, and no page
     /// was seen since.
     pub drain_checked: bool,
-    /// The server's own moves onto the node in flight (`Cold` advice).
-    pub moves: u32,
+    /// The server's own moves onto the node in flight (`Cold` advice):
+    /// each ticket and the pages it reserved.
+    pub moves: Vec<(u64, u64)>,
     /// A move found too little room and the kernel's credit was taken
     /// back for it: no credit is granted until this time (ns), or until
     /// the moves end.
@@ -117,11 +118,17 @@ impl Node {
             release_retired_at: None,
             evict_waiting_since: None,
             drain_checked: false,
-            moves: 0,
+            moves: Vec::new(),
             moves_waiting_until: None,
             life: Life::Active,
             evict_queue: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Detached, or DETACH_NODE sent: nothing more is asked of the
+    /// kernel about this node.
+    pub fn gone(&self) -> bool {
+        matches!(self.life, Life::Detaching | Life::Detached)
     }
 
     pub fn end_pfn(&self) -> u64 {
@@ -159,6 +166,11 @@ impl Node {
     /// Events were lost or disagreed with the books: rebuild them (after
     /// the RESYNC that runs, if one does and has reported anything yet).
     pub fn make_stale(&mut self) {
+        if self.gone() {
+            // Detached (or being detached): the kernel no longer reports
+            // on it, and would refuse a RESYNC.
+            return;
+        }
         match &mut self.books {
             Books::Rebuilding {
                 at,

@@ -98,8 +98,13 @@ fn build_guest_profile(release: bool) -> Result<PathBuf> {
     util::run(&mut cmd).context("cannot build mm-guest")?;
     // `--bin` above selects binaries only: the C library is a lib target.
     let mut lib = Command::new(env!("CARGO"));
-    lib.current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", "mm-upcall-client-capi", "--lib"]);
+    lib.current_dir(workspace_root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "mm-upcall-client-capi",
+        "--lib",
+    ]);
     if release {
         lib.arg("--release");
     }

@@ -514,11 +514,22 @@ fn run(cli: &Cli) -> Result<(), Failed> {
             }
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(*timeout);
             let mut last = u64::MAX;
+            let mut started = false;
             loop {
                 let (state, resident) = node_state(&mut a, *nid)?;
                 if state == 3 {
                     println!("node {nid}: empty and detached (ordinary memory now)");
                     return Ok(());
+                }
+                started |= state != 0;
+                if started && state == 0 {
+                    return Err(Failed(
+                        EXIT_FAILED,
+                        format!(
+                            "node {nid}: DETACH_NODE failed; mm-server serves the node again \
+                             (its log says why)"
+                        ),
+                    ));
                 }
                 if resident != last {
                     println!("node {nid}: {resident} pages left");

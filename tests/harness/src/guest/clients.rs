@@ -484,7 +484,7 @@ pub fn drain() -> Result<()> {
     let old_done = std::time::Instant::now();
     println!("drain: cgroup drain-a: {n_old} old pages on node 1");
     // The gap that tells old from young, in the server's 1 s stamps.
-    std::thread::sleep(std::time::Duration::from_secs(5));
+    std::thread::sleep(std::time::Duration::from_secs(8));
     let young_start = std::time::Instant::now();
     let (young_a, n_young) = demoted_in(&a, 8 * MIB, 12)?;
     let (mem_b, n_b) = demoted_in(&b, 16 * MIB, 13)?;
@@ -493,7 +493,8 @@ pub fn drain() -> Result<()> {
         "reclaim demoted nothing".into()
     })?;
     // Older than anything young, younger than everything old.
-    let min_age = young_start.elapsed().as_secs() + 2;
+    // Stamps are whole seconds: a margin of 2 s on each side.
+    let min_age = young_start.elapsed().as_secs() + 3;
     ensure(old_done.elapsed().as_secs() >= min_age + 2, || {
         format!("no gap between old and young pages for --min-age {min_age}")
     })?;

@@ -410,6 +410,9 @@ pub fn drop_to(uid: u32, gid: u32, keep: &[u32]) -> Result<()> {
             || libc::setresgid(gid, gid, gid) != 0
             || libc::setresuid(uid, uid, uid) != 0
             || libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) != 0
+            // A credential change makes the process non-dumpable; a
+            // process started as this user would be dumpable.
+            || libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0
         {
             bail!("cannot become uid {uid}: {}", io::Error::last_os_error());
         }

@@ -461,14 +461,27 @@ fn fuzz_smoke() -> (usize, usize) {
         if seeds.is_dir() {
             cmd.arg(&seeds);
         }
-        let ok = cmd
-            .current_dir(&scratch)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        println!("{} fuzz-smoke {t}", if ok { "PASS" } else { "FAIL" });
+        let out = cmd.current_dir(&scratch).stdin(Stdio::null()).output();
+        let ok = out.as_ref().is_ok_and(|o| o.status.success());
+        // libFuzzer's last word: "Done 100024 runs in 3 second(s)".
+        let runs = out
+            .as_ref()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Done ").map(str::to_string))
+            })
+            .unwrap_or_default();
+        println!(
+            "{} fuzz-smoke {t}{}",
+            if ok { "PASS" } else { "FAIL" },
+            if runs.is_empty() {
+                String::new()
+            } else {
+                format!(" ({runs})")
+            }
+        );
         if ok {
             pass += 1;
         } else {

@@ -175,6 +175,40 @@ pub fn client_auth() -> Result<()> {
     Ok(())
 }
 
+/// Advise `Cold` until `pages` have moved in all, as a client should when
+/// the server has no room yet (its credit promised to the kernel, or an
+/// eviction running): at most 10 tries, 1 s apart.  Returns the sum.
+fn until_moved(
+    pages: u64,
+    mut advise: impl FnMut() -> std::result::Result<mm_upcall_client::Advised, Error>,
+) -> Result<mm_upcall_client::Advised> {
+    let mut total = mm_upcall_client::Advised::default();
+    for attempt in 0..10 {
+        match advise() {
+            Ok(r) => {
+                total.pages = r.pages;
+                total.moved += r.moved;
+                total.already = r.already;
+                total.skipped = r.skipped;
+            }
+            Err(Error::Refused {
+                code: ErrorCode::Busy,
+                ..
+            }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if total.moved >= pages {
+            break;
+        }
+        println!(
+            "(Cold: {} of {pages} moved after try {attempt}; again in 1 s)",
+            total.moved
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    Ok(total)
+}
+
 /// Drop to uid and gid `nobody`, keeping `CAP_SYS_NICE` when `nice`.
 fn become_nobody(nice: bool) -> Result<()> {
     sys::drop_to(
@@ -256,7 +290,9 @@ fn advise_others(nice: bool, pid: u32, addr: u64, root_pid: u32, root_addr: u64)
         format!("the error does not name the privilege: {e}")
     })?;
     if nice {
-        let r = c.advise_process(target.as_fd(), addr as usize, len, Advice::Cold)?;
+        let r = until_moved(2048, || {
+            c.advise_process(target.as_fd(), addr as usize, len, Advice::Cold)
+        })?;
         println!("the target's memory, Cold: {r:?}");
         ensure(r.moved == 2048, || {
             format!("Cold moved {} of 2048 pages", r.moved)
@@ -291,7 +327,7 @@ fn advise_others(nice: bool, pid: u32, addr: u64, root_pid: u32, root_addr: u64)
         // Its own memory it may advise.
         let mut own = Anon::new(1 << 20)?;
         fill(own.as_mut_slice(), 5, Content::Compressible);
-        let r = c.advise(own.addr(), 1 << 20, Advice::Cold)?;
+        let r = until_moved(256, || c.advise(own.addr(), 1 << 20, Advice::Cold))?;
         println!("its own memory, Cold: {r:?}");
         ensure(r.moved == 256, || {
             format!("Cold of its own memory moved {} of 256", r.moved)

@@ -394,8 +394,8 @@ fn managed_nodes() -> Vec<u16> {
         .collect()
 }
 
-/// A kernel cpu/node list (`0-2,4`).
-pub(crate) fn parse_list(s: &str) -> Vec<u16> {
+/// A kernel cpu/node list (`0-2,4`), as sysfs writes them.
+pub fn parse_list(s: &str) -> Vec<u16> {
     s.trim()
         .split(',')
         .filter(|p| !p.is_empty())

@@ -30,7 +30,9 @@ mod conn;
 mod error;
 
 pub use admin::{AdminClient, DEFAULT_ADMIN_SOCKET};
-pub use client::{Advised, Client, DEFAULT_CLIENT_SOCKET, Page, Probe, client_socket, probe};
+pub use client::{
+    Advised, Client, DEFAULT_CLIENT_SOCKET, Page, Probe, client_socket, parse_list, probe,
+};
 pub use error::Error;
 pub use mm_upcall_proto::socket::{self, Advice};
 

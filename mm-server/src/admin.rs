@@ -93,19 +93,7 @@ fn command(core: &CoreHandle, f: Frame) -> Result<Frame, Refusal> {
                 .policy_get(nid)
                 .map_err(loop_gone)?
                 .map_err(node_refusal)?;
-            let (low, high, critical) = p.watermarks;
-            Ok(Frame::Policy(socket::PolicyRec {
-                writable_budget: p.writable_budget,
-                promote_rate_limit_mbps: p.promote_rate_limit_mbps,
-                credit_chunk_pages: p.credit_chunk_pages,
-                hot_window_ms: p.hot_window_ms,
-                nid: p.nid,
-                hot_threshold: p.hot_threshold,
-                low,
-                high,
-                critical,
-                ..socket::PolicyRec::default()
-            }))
+            Ok(Frame::Policy(p.to_rec()))
         }
         Frame::PolicySet(r) => {
             let invalid = (-libc::EINVAL, ErrorCode::Invalid);

@@ -93,6 +93,25 @@ pub struct RuntimePolicy {
     pub watermarks: (u8, u8, u8),
 }
 
+impl RuntimePolicy {
+    /// The wire record of it.
+    pub fn to_rec(&self) -> mm_upcall_proto::socket::PolicyRec {
+        let (low, high, critical) = self.watermarks;
+        mm_upcall_proto::socket::PolicyRec {
+            writable_budget: self.writable_budget,
+            promote_rate_limit_mbps: self.promote_rate_limit_mbps,
+            credit_chunk_pages: self.credit_chunk_pages,
+            hot_window_ms: self.hot_window_ms,
+            nid: self.nid,
+            hot_threshold: self.hot_threshold,
+            low,
+            high,
+            critical,
+            ..Default::default()
+        }
+    }
+}
+
 /// Why [`Core::drain_node`] or [`Core::evict_queued`] refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeRefused {
@@ -523,19 +542,7 @@ impl Core {
             .node_index(p.nid)
             .ok_or("the node is not managed by this server")?;
         let (low, high, critical) = p.watermarks;
-        mm_upcall_proto::socket::PolicyRec {
-            writable_budget: p.writable_budget,
-            promote_rate_limit_mbps: p.promote_rate_limit_mbps,
-            credit_chunk_pages: p.credit_chunk_pages,
-            hot_window_ms: p.hot_window_ms,
-            nid: p.nid,
-            hot_threshold: p.hot_threshold,
-            low,
-            high,
-            critical,
-            ..Default::default()
-        }
-        .check()?;
+        p.to_rec().check()?;
         // The last check: nothing is changed unless it passes.
         self.nodes[i]
             .account

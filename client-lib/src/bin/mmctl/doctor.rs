@@ -47,17 +47,7 @@ fn read(p: &str) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-fn list(s: &str) -> Vec<u16> {
-    s.trim()
-        .split(',')
-        .filter(|p| !p.is_empty())
-        .flat_map(|p| {
-            let (a, b) = p.split_once('-').unwrap_or((p, p));
-            let (a, b) = (a.parse().unwrap_or(1), b.parse().unwrap_or(0));
-            a..=b
-        })
-        .collect()
-}
+use mm_upcall_client::parse_list as list;
 
 /// The memory tier (its sysfs name) holding `node`.
 fn tier_of(node: u16) -> Option<String> {

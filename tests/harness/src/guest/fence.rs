@@ -4,6 +4,7 @@
 //! process; the workload is this one.
 #![allow(unsafe_code)]
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -401,7 +402,7 @@ pub fn resync() -> Result<()> {
     let by_server = demoted(&mut a, 16 << 20, 0x5e2, false)?;
     let (start, span) = (a.start_pfn, a.spanned);
 
-    let stats = a.stats()?;
+    let (stats, books_a, truth_a) = a.settled()?;
     // Server A's books come from events alone: none lost, no RESYNC.
     let lost = stat("events_lost")? - lost_before;
     ensure(
@@ -414,8 +415,6 @@ pub fn resync() -> Result<()> {
             )
         },
     )?;
-    let books_a: (u64, u64) = (stats["books"].parse()?, stats["hash"].parse()?);
-    let truth_a = kpageflags_truth(start, span)?;
     println!(
         "resync: server A's books: {} pages; /proc/kpageflags: {} anonymous pages on node 1",
         books_a.0, truth_a.0
@@ -428,11 +427,31 @@ pub fn resync() -> Result<()> {
         format!("only {} pages on node 1", books_a.0)
     })?;
 
+    let set_a = a.books()?;
     println!("resync: SIGKILL server A (pid {})", a.pid);
     a.kill()?;
     let mut b = Server::start(0)?;
     let books_b = b.resync()?;
     let truth_b = kpageflags_truth(start, span)?;
+    // Reclaim demoted this process's incidental pages too (heap, stack);
+    // one may be freed since server A's look.  The test's own pages must
+    // all still be there, and nothing may have come.
+    let set_b = b.books()?;
+    let mut ours: BTreeSet<u64> = sys::pfns(&by_reclaim)?.into_iter().collect();
+    ours.extend(sys::pfns(&by_server)?);
+    let gone: Vec<u64> = set_a.difference(&set_b).copied().collect();
+    let came = set_b.difference(&set_a).count();
+    println!(
+        "resync: since server A's look, {} incidental page(s) freed, {came} arrived",
+        gone.len()
+    );
+    ensure(came == 0 && !gone.iter().any(|p| ours.contains(p)), || {
+        format!(
+            "between server A's books and server B's RESYNC, {came} pages arrived and {} of the \
+             test's pages left node 1",
+            gone.iter().filter(|p| ours.contains(p)).count()
+        )
+    })?;
     let anon_kb = sys::node_meminfo(NODE, "AnonPages")?;
     println!(
         "resync: server B after RESYNC: {} pages; kpageflags {}; node 1 AnonPages {} kB ({} pages)",
@@ -441,7 +460,7 @@ pub fn resync() -> Result<()> {
         anon_kb,
         anon_kb / 4
     );
-    if books_b != truth_b || books_b != books_a {
+    if books_b != truth_b {
         let diff = books_diff(&b.books()?, &kpageflags_anon(start, span)?);
         bail!("RESYNC gave {books_b:?}; kernel {truth_b:?}; server A had {books_a:?}: {diff}");
     }
@@ -492,8 +511,7 @@ pub fn resync() -> Result<()> {
     ensure(by_server.page_nodes()?[0] == 0, || {
         "the promoted page is not on node 0".into()
     })?;
-    let books = b.stat("books")?;
-    let truth = kpageflags_truth(start, span)?.0;
+    let (_, (books, _), (truth, _)) = b.settled()?;
     ensure(books == truth && books == books_b.0 - 1, || {
         format!(
             "after PROMOTE_PFN: books {books}, kernel {truth}, before {}",
@@ -531,9 +549,7 @@ fn resync_after_overflow(b: &mut Server) -> Result<()> {
     sys::signal(b.pid as i32, libc::SIGCONT)?;
     drop(cg);
     let (_, n1, _) = where_are(&mem)?;
-    let stats = b.stats()?;
-    let books: (u64, u64) = (stats["books"].parse()?, stats["hash"].parse()?);
-    let truth = kpageflags_truth(start, span)?;
+    let (_, books, truth) = b.settled()?;
     let lost = stat("events_lost")? - before.0;
     let overflows = b.stat("overflow")? - before.1;
     println!(

@@ -643,6 +643,26 @@ impl Server {
             .with_context(|| format!("server stat {key}"))
     }
 
+    /// `stats`, with the books' `(pages, hash)` and the kernel's, from a
+    /// look where they agree, or the last of 20 looks 50 ms apart.  The two
+    /// reads are not one snapshot: a page of this process freed between
+    /// them (glibc trimming a heap page that reclaim demoted) is gone from
+    /// kpageflags while its FREED event waits for the next command.
+    #[allow(clippy::type_complexity)]
+    pub fn settled(&mut self) -> Result<(HashMap<String, String>, (u64, u64), (u64, u64))> {
+        let mut tries = 0;
+        loop {
+            let stats = self.stats()?;
+            let books = (stats["books"].parse()?, stats["hash"].parse()?);
+            let truth = kpageflags_truth(self.start_pfn, self.spanned)?;
+            tries += 1;
+            if books == truth || tries == 20 {
+                return Ok((stats, books, truth));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The pfns in the server's books.
     pub fn books(&mut self) -> Result<BTreeSet<u64>> {
         self.cmd("books")?

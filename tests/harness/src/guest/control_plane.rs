@@ -886,6 +886,11 @@ fn restarts_with_fragmented_node_0() -> Result<()> {
             "always",
         )?);
     }
+    // Each locked page splits its mapping: 2048 mappings per chunk, past
+    // the default limit of 65530 before node 0 runs out of large blocks
+    // on some boots (mlock then fails with ENOMEM).  Kept raised until
+    // the chunks are gone, as the servers below map their rings too.
+    let maps = Knob::set("/proc/sys/vm/max_map_count", "1048576")?;
     let before = node0_free_order6()?;
     let mut chunks = Vec::new();
     let mut left = before;
@@ -919,7 +924,13 @@ fn restarts_with_fragmented_node_0() -> Result<()> {
                 )
             };
             ensure(l == 0 && d == 0, || {
-                format!("mlock/madvise: {}", std::io::Error::last_os_error())
+                format!(
+                    "{}: {} (chunk {}, {} mappings)",
+                    if l != 0 { "mlock" } else { "madvise" },
+                    std::io::Error::last_os_error(),
+                    chunks.len(),
+                    sys::read("/proc/self/maps").map_or(0, |m| m.lines().count())
+                )
             })?;
         }
         chunks.push(mem);
@@ -945,6 +956,7 @@ fn restarts_with_fragmented_node_0() -> Result<()> {
     }
     let after = node0_free_order6()?;
     drop(chunks);
+    drop(maps);
     // The last server: detach node 1 again for the parts that follow.
     let mut t = crate::upcall::open_retry(&Config::default()).context("open the device")?;
     crate::node::attach(&mut t, NODE)?

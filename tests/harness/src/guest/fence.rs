@@ -135,7 +135,7 @@ fn write_after_demotion(srv: &mut Server, how: &str, mut mem: Anon, seed: u64) -
     srv.cmd("wf promote")?;
     sys::write(NUMA_BALANCING, &balancing)?;
     let promoted = stat("promoted")? - promoted0;
-    let (total, distinct) = srv.faults(pid())?;
+    let (total, distinct) = srv.faults_at(mem.addr(), mem.as_slice().len())?;
     println!(
         "demote-write-promote: {how}: wrote {n} pages in {secs:.1} s; \
          the server saw {total} WRITE_FAULTs on {distinct} pages"
@@ -635,9 +635,10 @@ pub fn fault_no_server() -> Result<()> {
 
 // ---------------------------------------------------------------------------
 
-/// Write faults of this process counted by the server since `reset`.
-fn my_faults(srv: &mut Server) -> Result<u64> {
-    Ok(srv.faults(pid())?.0)
+/// Write faults of this process on `mem` counted by the server since
+/// `reset`.
+fn my_faults(srv: &mut Server, mem: &Anon) -> Result<u64> {
+    Ok(srv.faults_at(mem.addr(), mem.as_slice().len())?.0)
 }
 
 fn fence_case(
@@ -650,7 +651,7 @@ fn fence_case(
     let mut mem = demoted(srv, LEN, seed, false)?;
     srv.cmd("reset")?;
     write(&mut mem)?;
-    let faults = my_faults(srv)?;
+    let faults = my_faults(srv, &mem)?;
     println!(
         "write-fence: {name}: {faults} WRITE_FAULTs for {} pages",
         pages(LEN)
@@ -727,10 +728,10 @@ fn in_place_case(srv: &mut Server) -> Result<()> {
     srv.cmd("reset")?;
     srv.cmd("wf inplace")?;
     flip(&mut mem, |_| true);
-    let first = my_faults(srv)?;
+    let first = my_faults(srv, &mem)?;
     flip(&mut mem, |_| true);
     flip(&mut mem, |_| true);
-    let again = my_faults(srv)? - first;
+    let again = my_faults(srv, &mem)? - first;
     srv.cmd("wf promote")?;
     let (n0, n1, _) = where_are(&mem)?;
     println!(
@@ -782,7 +783,7 @@ fn numa_case(srv: &mut Server) -> Result<()> {
         format!("{n0} pages left node 1 although the server said STAY")
     })?;
     flip(&mut mem, |_| true);
-    let faults = my_faults(srv)?;
+    let faults = my_faults(srv, &mem)?;
     println!(
         "write-fence: store after hint faults: {faults} WRITE_FAULTs for {} pages",
         pages(LEN)
@@ -829,7 +830,7 @@ fn direct_read(srv: &mut Server) -> Result<()> {
         }
         got += n as usize;
     }
-    let faults = my_faults(srv)?;
+    let faults = my_faults(srv, &mem)?;
     println!(
         "write-fence: O_DIRECT read: {faults} WRITE_FAULTs for {} pages",
         pages(LEN)
@@ -872,7 +873,7 @@ fn fork_case(srv: &mut Server) -> Result<()> {
     )?;
     let (child_faults, _) = srv.faults(child as u32)?;
     flip(&mut mem, even);
-    let parent_faults = my_faults(srv)?;
+    let parent_faults = my_faults(srv, &mem)?;
     let half = (pages(LEN) / 2) as u64;
     println!(
         "write-fence: fork: child {child_faults} WRITE_FAULTs for {half} pages, \
@@ -904,7 +905,7 @@ fn thp_case(srv: &mut Server) -> Result<()> {
     let folios = heads.len() as u64;
     srv.cmd("reset")?;
     flip(&mut mem, |_| true);
-    let faults = my_faults(srv)?;
+    let faults = my_faults(srv, &mem)?;
     let thp = srv.stat("thp")?;
     println!(
         "write-fence: THP region ({pmd_kb} kB PMD-mapped on node 1, {folios} folios): \

@@ -377,7 +377,7 @@ fn stale_allowance() -> Result<()> {
         for w in &workers {
             w.wait()?;
         }
-        if srv.faults(pid())?.0 == 2 {
+        if srv.faults_at(addr, PAGE_SIZE)?.0 == 2 {
             break;
         }
     }
@@ -391,7 +391,7 @@ fn stale_allowance() -> Result<()> {
         srv.cmd("reset")?;
         w.tx.send(Cmd::Alone(addr))?;
         w.wait()?;
-        let asked = srv.faults(pid())?.0;
+        let asked = srv.faults_at(addr, PAGE_SIZE)?.0;
         println!("fence-holes: thread {i} stored to the fenced page: {asked} WRITE_FAULTs");
         ensure(asked == 1, || {
             format!(
@@ -791,7 +791,7 @@ fn stopped_server() -> Result<()> {
     // The server answers the upcall that timed out once it runs again
     // (the test server counts a fault before it commits the verdict).
     let start = Instant::now();
-    while srv.faults(pid())?.0 == 0 {
+    while srv.faults_at(mem.addr(), mem.as_slice().len())?.0 == 0 {
         ensure(start.elapsed() < HANG, || {
             "the resumed server never answered the upcall that timed out".into()
         })?;
@@ -801,7 +801,7 @@ fn stopped_server() -> Result<()> {
     let again = demoted(&mut srv, PAGE_SIZE, 0xb6, false)?;
     srv.cmd("reset")?;
     store(again.addr(), 1);
-    let asked = srv.faults(pid())?.0;
+    let asked = srv.faults_at(again.addr(), PAGE_SIZE)?.0;
     println!("no-hang: after SIGCONT, a store asks the server again: {asked} WRITE_FAULTs");
     ensure(asked == 1, || {
         format!("after the server answered again, a store made {asked} WRITE_FAULTs, want 1")
@@ -855,7 +855,7 @@ fn hints_fill_slots() -> Result<()> {
         "the store did not return".into()
     })?;
     let timed_out = stat("timeouts")? - timeouts;
-    let asked = srv.faults(pid())?.0;
+    let asked = srv.faults_at(addr, PAGE_SIZE)?.0;
     println!(
         "no-hang: a store with the hints held: {asked} WRITE_FAULTs answered, {timed_out} timeouts"
     );

@@ -9,7 +9,8 @@
 //!
 //! Commands:
 //! - `stats`: counters and the books (`key=value` pairs);
-//! - `faults <tgid>`: write faults of one process: total and distinct pages;
+//! - `faults <tgid> [<addr> <len>]`: write faults of one process (in one
+//!   range of it): total and distinct pages;
 //! - `reset`: zero the fault counters;
 //! - `wf promote|inplace|default|hold`: verdict for WRITE_FAULT (`hold`
 //!   answers none: they wait in their slots until `release`);
@@ -290,12 +291,16 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
                 .collect();
             format!("OK {}", words.join(" "))
         }
-        ["faults", _] => {
+        ["faults", _] | ["faults", _, _, _] => {
             let tgid = num(1)? as u32;
+            let range = match w.len() {
+                4 => num(2)?..num(2)? + num(3)?,
+                _ => 0..u64::MAX,
+            };
             let mine: Vec<u32> = st
                 .faults
                 .iter()
-                .filter(|((g, _), _)| *g == tgid)
+                .filter(|((g, a), _)| *g == tgid && range.contains(a))
                 .map(|(_, &n)| n)
                 .collect();
             format!("OK {} {}", mine.iter().sum::<u32>(), mine.len())
@@ -674,6 +679,14 @@ impl Server {
     /// Write faults of process `tgid`: (total, distinct pages).
     pub fn faults(&mut self, tgid: u32) -> Result<(u64, u64)> {
         let w = self.cmd(&format!("faults {tgid}"))?;
+        Ok((w[0].parse()?, w[1].parse()?))
+    }
+
+    /// Write faults of this process on `len` bytes at `addr`: (total,
+    /// distinct pages).  The process's other pages may sit on node 1 too
+    /// (reclaim in an earlier scenario of the boot demoted its heap).
+    pub fn faults_at(&mut self, addr: usize, len: usize) -> Result<(u64, u64)> {
+        let w = self.cmd(&format!("faults {} {addr} {len}", std::process::id()))?;
         Ok((w[0].parse()?, w[1].parse()?))
     }
 

@@ -192,28 +192,8 @@ fn client(
     if crate::sys::peer_uid(s)? != allowed_uid {
         return error(s, -libc::EPERM, ErrorCode::PermissionDenied);
     }
-    let mut hello = false;
-    loop {
-        waiting(true);
-        let next = serve::read_frame(s)?;
-        waiting(false);
-        let frame = match next {
-            None => return Ok(()),
-            Some(Ok(f)) => f,
-            Some(Err(e)) => return serve::refuse(s, &e),
-        };
+    serve::session(s, waiting, |s, frame| {
         match frame {
-            Frame::Hello {
-                min_version,
-                max_version,
-                ..
-            } => {
-                if !serve::hello(s, min_version, max_version)? {
-                    return Ok(());
-                }
-                hello = true;
-            }
-            _ if !hello => return error(s, -libc::EPROTO, ErrorCode::BadFrame),
             Frame::Stats => {
                 let st = lock(snap).stats();
                 send(s, Frame::StatsReply(st))?;
@@ -222,10 +202,12 @@ fn client(
                 let text = lock(snap).render();
                 s.write_all(&metrics_frame(&text))?;
             }
-            Frame::Drain { .. }
-            | Frame::Evict(_)
-            | Frame::PolicyGet { .. }
-            | Frame::PolicySet(_) => {
+            // Application advice goes to the client socket.
+            Frame::Advise { .. } | Frame::Residency { .. } => {
+                error(s, -libc::EOPNOTSUPP, ErrorCode::Unsupported)?;
+            }
+            // Drain, Evict, PolicyGet, PolicySet.
+            _ => {
                 let r = match core {
                     Some(c) => command(c, frame),
                     None => Err((-libc::EOPNOTSUPP, ErrorCode::Unsupported)),
@@ -235,14 +217,9 @@ fn client(
                     Err((errno, code)) => error(s, errno, code)?,
                 }
             }
-            // Application advice goes to the client socket.
-            Frame::Advise { .. } | Frame::Residency { .. } => {
-                error(s, -libc::EOPNOTSUPP, ErrorCode::Unsupported)?;
-            }
-            // Replies are not requests.
-            _ => return error(s, -libc::EPROTO, ErrorCode::BadFrame),
         }
-    }
+        Ok(true)
+    })
 }
 
 /// The latest snapshot: the lock is held only to clone the `Arc`, so

@@ -261,28 +261,8 @@ impl Client<'_> {
             Ok(p) => p,
             Err(_) => return error(s, -libc::ESRCH, ErrorCode::NotFound),
         };
-        let mut hello = false;
-        loop {
-            waiting(true);
-            let next = serve::read_frame(s)?;
-            waiting(false);
-            let frame = match next {
-                None => return Ok(()),
-                Some(Ok(f)) => f,
-                Some(Err(e)) => return serve::refuse(s, &e),
-            };
+        serve::session(s, waiting, |s, frame| {
             match frame {
-                Frame::Hello {
-                    min_version,
-                    max_version,
-                    ..
-                } => {
-                    if !serve::hello(s, min_version, max_version)? {
-                        return Ok(());
-                    }
-                    hello = true;
-                }
-                _ if !hello => return error(s, -libc::EPROTO, ErrorCode::BadFrame),
                 Frame::Advise {
                     pid,
                     advice,
@@ -299,18 +279,10 @@ impl Client<'_> {
                     }
                 }
                 // Admin frames are on the admin socket.
-                Frame::Stats
-                | Frame::Metrics
-                | Frame::Drain { .. }
-                | Frame::Evict(_)
-                | Frame::PolicyGet { .. }
-                | Frame::PolicySet(_) => {
-                    error(s, -libc::EPERM, ErrorCode::PermissionDenied)?;
-                }
-                // Replies are not requests.
-                _ => return error(s, -libc::EPROTO, ErrorCode::BadFrame),
+                _ => error(s, -libc::EPERM, ErrorCode::PermissionDenied)?,
             }
-        }
+            Ok(true)
+        })
     }
 
     /// Charge one request of `bytes` to the caller's uid.

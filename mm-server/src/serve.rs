@@ -227,13 +227,59 @@ pub fn refuse(s: &mut UnixStream, e: &DecodeError) -> io::Result<()> {
     }
 }
 
+/// Serve one connection: read frames until the client closes, refuse
+/// what does not decode, answer `Hello`, and hand every other frame to
+/// `answer` once `Hello` was answered.  `answer` returns whether to go on;
+/// replies sent as requests end the connection with an error frame.
+/// `waiting` is told when the connection waits for a frame (see
+/// [`spawn`]).
+///
+/// # Errors
+///
+/// A read or write failed or timed out.
+pub fn session<F>(s: &mut UnixStream, waiting: &dyn Fn(bool), mut answer: F) -> io::Result<()>
+where
+    F: FnMut(&mut UnixStream, Frame) -> io::Result<bool>,
+{
+    let mut hello = false;
+    loop {
+        waiting(true);
+        let next = read_frame(s)?;
+        waiting(false);
+        let frame = match next {
+            None => return Ok(()),
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return refuse(s, &e),
+        };
+        let go_on = match frame {
+            Frame::Hello {
+                min_version,
+                max_version,
+                ..
+            } => {
+                hello = hello_reply(s, min_version, max_version)?;
+                hello
+            }
+            // Before HELLO, and replies sent as requests.
+            f if !hello || !f.is_request() => {
+                error(s, -libc::EPROTO, ErrorCode::BadFrame)?;
+                false
+            }
+            f => answer(s, f)?,
+        };
+        if !go_on {
+            return Ok(());
+        }
+    }
+}
+
 /// Answer `Hello`: the version both sides speak, or `BadVersion`.
 /// Returns whether the client may go on.
 ///
 /// # Errors
 ///
 /// As [`send`].
-pub fn hello(s: &mut UnixStream, min_version: u16, max_version: u16) -> io::Result<bool> {
+fn hello_reply(s: &mut UnixStream, min_version: u16, max_version: u16) -> io::Result<bool> {
     use mm_upcall_proto::socket::{MAX_VERSION, MIN_VERSION};
     let v = max_version.min(MAX_VERSION);
     if v < min_version.max(MIN_VERSION) {

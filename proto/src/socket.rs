@@ -453,6 +453,30 @@ impl Frame {
         }
     }
 
+    /// Whether a client sends this frame (a server sends the others).
+    pub fn is_request(&self) -> bool {
+        match self {
+            Frame::Hello { .. }
+            | Frame::Advise { .. }
+            | Frame::Residency { .. }
+            | Frame::Drain { .. }
+            | Frame::Evict(_)
+            | Frame::PolicyGet { .. }
+            | Frame::PolicySet(_)
+            | Frame::Stats
+            | Frame::Metrics => true,
+            Frame::HelloReply { .. }
+            | Frame::AdviseReply(_)
+            | Frame::ResidencyReply { .. }
+            | Frame::EvictReply(_)
+            | Frame::Policy(_)
+            | Frame::StatsReply(_)
+            | Frame::Ok
+            | Frame::Error { .. }
+            | Frame::MetricsReply { .. } => false,
+        }
+    }
+
     /// Encode into `out`; returns the number of bytes written.
     ///
     /// # Panics

@@ -140,6 +140,22 @@ pub unsafe extern "C" fn mm_client_advise(
     adv: c_int,
     out: *mut MmAdvised,
 ) -> c_int {
+    // SAFETY: as this function's.
+    unsafe { advise_with(c, adv, out, |cl, a| cl.advise(addr as usize, len, a)) }
+}
+
+/// The checks both advise calls make, then `call`.
+///
+/// # Safety
+///
+/// `c` is null or a live client used by one thread; `out` is null or
+/// writable.
+unsafe fn advise_with(
+    c: *mut MmClient,
+    adv: c_int,
+    out: *mut MmAdvised,
+    call: impl FnOnce(&mut Client, Advice) -> Result<Advised, Error>,
+) -> c_int {
     // SAFETY: a live client (caller's contract), used by one thread.
     let Some(c) = (unsafe { c.as_mut() }) else {
         return -libc::EINVAL;
@@ -147,7 +163,7 @@ pub unsafe extern "C" fn mm_client_advise(
     let Some(a) = advice(adv) else {
         return c.fail(&Error::Invalid(format!("{adv} is not an enum mm_advice")));
     };
-    let r = c.client.advise(addr as usize, len, a);
+    let r = call(&mut c.client, a);
     c.done(r, out)
 }
 
@@ -165,21 +181,18 @@ pub unsafe extern "C" fn mm_client_advise_pidfd(
     adv: c_int,
     out: *mut MmAdvised,
 ) -> c_int {
-    // SAFETY: a live client (caller's contract), used by one thread.
-    let Some(c) = (unsafe { c.as_mut() }) else {
-        return -libc::EINVAL;
-    };
-    let Some(a) = advice(adv) else {
-        return c.fail(&Error::Invalid(format!("{adv} is not an enum mm_advice")));
-    };
-    if pidfd < 0 {
-        return c.fail(&Error::Invalid(format!("{pidfd} is not a descriptor")));
+    // SAFETY: as this function's.
+    unsafe {
+        advise_with(c, adv, out, |cl, a| {
+            if pidfd < 0 {
+                return Err(Error::Invalid(format!("{pidfd} is not a descriptor")));
+            }
+            // SAFETY: the caller keeps `pidfd` open for the call; it is
+            // only borrowed (its fdinfo is read).
+            let fd = BorrowedFd::borrow_raw(pidfd);
+            cl.advise_process(fd, addr as usize, len, a)
+        })
     }
-    // SAFETY: the caller keeps `pidfd` open for the call; it is only
-    // borrowed (its fdinfo is read).
-    let fd = unsafe { BorrowedFd::borrow_raw(pidfd) };
-    let r = c.client.advise_process(fd, addr as usize, len, a);
-    c.done(r, out)
 }
 
 /// `mm_client_residency()`.

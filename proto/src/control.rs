@@ -32,6 +32,9 @@ pub enum Control {
     DetachNode { nid: u32 },
     /// Set the demotion credit of `nid` to `pages`.
     SetCredit { nid: u32, pages: u64 },
+    /// Answer every write fault on managed node `nid` with `standing`,
+    /// without asking, until replaced.
+    SetStanding { nid: u32, standing: Standing },
     /// Migrate the folio at `pfn` off its managed node to `nid`.
     PromotePfn { pfn: u64, nid: u32 },
     /// Re-report every resident folio in a pfn range as PLACED.
@@ -50,6 +53,50 @@ pub enum Control {
     },
 }
 
+/// A node's standing verdict for write faults (`SET_STANDING`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Ask the server per fault (verdict 0).
+    Ask,
+    /// The kernel's default: promote to the faulting CPU's node.
+    Default,
+    /// Promote to node `nid` (a node that is not managed).
+    Promote(u32),
+}
+
+impl Standing {
+    /// `(verdict, arg)` of `struct mm_upcall_set_standing`.
+    pub const fn raw(self) -> (u16, u32) {
+        match self {
+            Standing::Ask => (0, 0),
+            Standing::Default => (raw::verdict::DEFAULT, 0),
+            Standing::Promote(nid) => (raw::verdict::PROMOTE, nid),
+        }
+    }
+
+    /// The standing verdict of a `(verdict, arg)` pair.
+    ///
+    /// # Errors
+    ///
+    /// [`DecodeError::Invalid`] for any other verdict (`ALLOW_IN_PLACE`
+    /// is never standing), or an `arg` where none is taken.
+    pub fn from_raw(verdict: u16, arg: u32) -> Result<Self, DecodeError> {
+        match (verdict, arg) {
+            (0, 0) => Ok(Standing::Ask),
+            (raw::verdict::DEFAULT, 0) => Ok(Standing::Default),
+            (raw::verdict::PROMOTE, nid) => Ok(Standing::Promote(nid)),
+            (0 | raw::verdict::DEFAULT, a) => Err(DecodeError::Invalid {
+                field: "arg",
+                value: a.into(),
+            }),
+            (v, _) => Err(DecodeError::Invalid {
+                field: "verdict",
+                value: v.into(),
+            }),
+        }
+    }
+}
+
 impl Control {
     /// Bytes of the reply record the kernel writes to the command's
     /// `reply_addr` (0: the command has none).  A transport sizes the reply
@@ -61,6 +108,7 @@ impl Control {
             Control::Ping { .. } => size_of::<raw::PingReply>(),
             Control::DetachNode { .. }
             | Control::SetCredit { .. }
+            | Control::SetStanding { .. }
             | Control::PromotePfn { .. }
             | Control::Resync { .. } => 0,
         }
@@ -96,6 +144,7 @@ impl Control {
             Control::AttachNode { .. } => ctrl_op::ATTACH_NODE,
             Control::DetachNode { .. } => ctrl_op::DETACH_NODE,
             Control::SetCredit { .. } => ctrl_op::SET_CREDIT,
+            Control::SetStanding { .. } => ctrl_op::SET_STANDING,
             Control::PromotePfn { .. } => ctrl_op::PROMOTE_PFN,
             Control::Resync { .. } => ctrl_op::RESYNC,
             Control::Ping { .. } => ctrl_op::PING,
@@ -139,6 +188,15 @@ impl Control {
                 flags: 0,
                 pages,
             }),
+            Control::SetStanding { nid, standing } => {
+                let (verdict, arg) = standing.raw();
+                area_of(&raw::SetStanding {
+                    nid,
+                    verdict,
+                    arg,
+                    ..raw::SetStanding::default()
+                })
+            }
             Control::PromotePfn { pfn, nid } => area_of(&raw::PromotePfn { pfn, nid, flags: 0 }),
             Control::Resync {
                 nid,
@@ -235,6 +293,15 @@ impl Control {
                 Ok(Control::SetCredit {
                     nid: s.nid,
                     pages: s.pages,
+                })
+            }
+            ctrl_op::SET_STANDING => {
+                let s: raw::SetStanding = record(buf)?;
+                reserved_zero("flags", s.flags.into())?;
+                reserved_zero("reserved", s.reserved.into())?;
+                Ok(Control::SetStanding {
+                    nid: s.nid,
+                    standing: Standing::from_raw(s.verdict, s.arg)?,
                 })
             }
             ctrl_op::PROMOTE_PFN => {

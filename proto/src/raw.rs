@@ -71,10 +71,11 @@ pub mod ctrl_op {
     pub const PROMOTE_PFN: u32 = iow::<PromotePfn>(0x14);
     pub const RESYNC: u32 = iow::<Resync>(0x15);
     pub const PING: u32 = iowr::<Ping>(0x16);
+    pub const SET_STANDING: u32 = iow::<SetStanding>(0x17);
 
     /// Every control opcode with its name: the one list (the transport's
     /// names, the fuzz target's selector, the tests all use it).
-    pub const ALL: [(u32, &str); 7] = [
+    pub const ALL: [(u32, &str); 8] = [
         (HELLO, "HELLO"),
         (ATTACH_NODE, "ATTACH_NODE"),
         (DETACH_NODE, "DETACH_NODE"),
@@ -82,6 +83,7 @@ pub mod ctrl_op {
         (PROMOTE_PFN, "PROMOTE_PFN"),
         (RESYNC, "RESYNC"),
         (PING, "PING"),
+        (SET_STANDING, "SET_STANDING"),
     ];
 
     /// The name of control opcode `op` (`None`: not a control opcode).
@@ -313,6 +315,17 @@ record!(
         nid: u32,
         flags: u32,
         pages: u64,
+    }
+);
+
+record!(
+    /// `struct mm_upcall_set_standing`.
+    SetStanding {
+        nid: u32,
+        verdict: u16,
+        flags: u16,
+        arg: u32,
+        reserved: u32,
     }
 );
 

@@ -2,7 +2,7 @@
 //! panics on arbitrary bytes.
 
 use mm_upcall_proto::DecodeError;
-use mm_upcall_proto::control::{self, Control, HelloReply};
+use mm_upcall_proto::control::{self, Control, HelloReply, Standing};
 use mm_upcall_proto::event::{self, Event, PlaceReason};
 use mm_upcall_proto::raw::{self, API_VERSION, CTRL_CMD_SIZE, ctrl_op, io_op};
 use mm_upcall_proto::socket::{self, Advice, ErrorCode, Frame, MAX_FRAME_SIZE};
@@ -130,6 +130,14 @@ fn control() -> impl Strategy<Value = Control> {
         any::<u32>().prop_map(|nid| Control::DetachNode { nid }),
         (any::<u32>(), any::<u64>()).prop_map(|(nid, pages)| Control::SetCredit { nid, pages }),
         (any::<u64>(), any::<u32>()).prop_map(|(pfn, nid)| Control::PromotePfn { pfn, nid }),
+        (any::<u32>(), any::<u32>(), 0..3u8).prop_map(|(nid, target, k)| Control::SetStanding {
+            nid,
+            standing: match k {
+                0 => Standing::Ask,
+                1 => Standing::Default,
+                _ => Standing::Promote(target),
+            },
+        }),
         (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(nid, start_pfn, nr_pages)| {
             Control::Resync {
                 nid,
@@ -902,6 +910,10 @@ fn reply_buffers_fit_the_kernels_records() {
     for none in [
         Control::DetachNode { nid: 1 },
         Control::SetCredit { nid: 1, pages: 1 },
+        Control::SetStanding {
+            nid: 1,
+            standing: Standing::Default,
+        },
         Control::PromotePfn { pfn: 1, nid: 0 },
         Control::Resync {
             nid: 1,
@@ -911,4 +923,38 @@ fn reply_buffers_fit_the_kernels_records() {
     ] {
         assert_eq!(none.reply_len(), 0, "{none:?}");
     }
+}
+
+#[test]
+fn a_standing_verdict_is_promote_default_or_none() {
+    let area = |verdict: u16, arg: u32| {
+        let mut a = [0u8; raw::CTRL_CMD_SIZE];
+        a[..4].copy_from_slice(&1u32.to_ne_bytes());
+        a[4..6].copy_from_slice(&verdict.to_ne_bytes());
+        a[8..12].copy_from_slice(&arg.to_ne_bytes());
+        a
+    };
+    let op = raw::ctrl_op::SET_STANDING;
+    for (verdict, arg, ok) in [
+        (0, 0, true),
+        (0, 1, false),
+        (raw::verdict::DEFAULT, 0, true),
+        (raw::verdict::DEFAULT, 2, false),
+        (raw::verdict::PROMOTE, 0, true),
+        (raw::verdict::ALLOW_IN_PLACE, 0, false),
+        (raw::verdict::STAY, 0, false),
+        (99, 0, false),
+    ] {
+        assert_eq!(
+            Control::decode(op, &area(verdict, arg)).is_ok(),
+            ok,
+            "verdict {verdict} arg {arg}"
+        );
+    }
+    let mut flags = area(0, 0);
+    flags[6] = 1;
+    assert!(Control::decode(op, &flags).is_err());
+    let mut reserved = area(0, 0);
+    reserved[12] = 1;
+    assert!(Control::decode(op, &reserved).is_err());
 }

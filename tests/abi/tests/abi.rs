@@ -34,6 +34,7 @@ fn rust_side() -> BTreeMap<String, u64> {
         "node_info" => NodeInfo { nid, reserved0, start_pfn, spanned_pages, present_pages, mmap_offset, reserved1 }
         "detach_node" => DetachNode { nid, flags, reserved }
         "set_credit" => SetCredit { nid, flags, pages }
+        "set_standing" => SetStanding { nid, verdict, flags, arg, reserved }
         "promote_pfn" => PromotePfn { pfn, nid, flags }
         "resync" => Resync { nid, flags, start_pfn, nr_pages, reserved }
         "ping" => Ping { nr_upcalls, nr_threads, flags, reply_addr, reserved }

@@ -225,7 +225,7 @@ fn cmd_vm(args: &[String]) -> Result<()> {
 
 /// VM benchmarks: each is a guest program `bench-<name>` that prints its
 /// results as lines starting with `BENCH `.
-const BENCHES: &[&str] = &["upcall", "fault"];
+const BENCHES: &[&str] = &["upcall", "fault", "anon"];
 
 fn cmd_bench(names: &[String]) -> Result<()> {
     if names.is_empty() {
@@ -243,7 +243,7 @@ fn cmd_bench(names: &[String]) -> Result<()> {
             bail!("unknown benchmark `{name}` (known: {})", BENCHES.join(", "));
         }
         let lines = bench_lines(&vm, &format!("bench-{name}"))?;
-        if name == "fault" {
+        if name == "anon" {
             // The unattached overhead: the same fault loop on the same
             // configuration built without the series, boots alternating.
             let base_image = kernel::ensure_base()?;

@@ -161,13 +161,24 @@ pub fn upcall() -> Result<()> {
     Ok(())
 }
 
-/// Nanoseconds per page to write the first word of every page of a region
-/// the server moved to node 1.
-/// One timed round of write faults on 2048 managed pages.  With `upcalls`
-/// every fault must have asked the server; without, none may have (the
-/// server did not negotiate WRITE_FAULT): each round checks it measured
-/// what it says, from the kernel's counters (review L6).
-fn managed_write_round(srv: &mut crate::managed::Server, seed: u64, upcalls: bool) -> Result<f64> {
+/// Who decides the write faults of a round.
+#[derive(Clone, Copy, Debug)]
+enum Decided {
+    /// The server, asked per fault.
+    Upcall,
+    /// The node's standing verdict, without asking.
+    Standing,
+    /// The kernel's default (the server did not negotiate WRITE_FAULT).
+    NoServer,
+}
+
+/// One timed round of write faults on 2048 managed pages: nanoseconds
+/// per page to write the first word of every page of a region the server
+/// moved to node 1.  Each round checks from the kernel's counters that
+/// it measured what it says (review L6): every fault asked the server
+/// (`Upcall`), or none did and each was decided standing (`Standing`) or
+/// without a server (`NoServer`).
+fn managed_write_round(srv: &mut crate::managed::Server, seed: u64, how: Decided) -> Result<f64> {
     const LEN: usize = 8 << 20;
     let n = (LEN / crate::sys::PAGE_SIZE) as u64;
     let mut mem = crate::fence::demoted(srv, LEN, seed, false)?;
@@ -177,14 +188,25 @@ fn managed_write_round(srv: &mut crate::managed::Server, seed: u64, upcalls: boo
     let ns = start.elapsed().as_nanos() as f64 / n as f64;
     let after = crate::upcall::stats()?;
     let d = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
-    let (faults, no_server, answered) = (d("write_faults"), d("no_server"), d("answered"));
-    let want = if upcalls { (n, 0) } else { (n, n) };
-    if (faults, no_server) != want || (upcalls && answered < n) {
+    let got = (
+        d("write_faults"),
+        d("no_server"),
+        d("answered"),
+        d("standing_verdicts"),
+    );
+    let ok = match how {
+        Decided::Upcall => got.0 == n && got.1 == 0 && got.2 >= n && got.3 == 0,
+        Decided::Standing => got.0 == n && got.1 == 0 && got.3 == n,
+        Decided::NoServer => got.0 == n && got.1 == n && got.3 == 0,
+    };
+    if !ok {
         bail!(
-            "{} round: {faults} fenced write faults, {no_server} without a server, {answered} \
-             answered; want {n} faults, {} without a server",
-            if upcalls { "upcall" } else { "baseline" },
-            want.1
+            "{how:?} round: {} fenced write faults, {} without a server, {} answered, {} \
+             decided standing; want {n} faults, all decided the {how:?} way",
+            got.0,
+            got.1,
+            got.2,
+            got.3
         );
     }
     let (n0, ..) = crate::managed::where_are(&mem)?;
@@ -195,38 +217,53 @@ fn managed_write_round(srv: &mut crate::managed::Server, seed: u64, upcalls: boo
 }
 
 /// `bench-fault`: a write fault on a managed page answered by the server
-/// (PROMOTE to node 0) next to the kernel's own default promotion (a server
-/// that did not negotiate WRITE_FAULT), alternating, same boot.
+/// (PROMOTE to node 0), decided by a standing verdict (SET_STANDING
+/// DEFAULT, no round trip), and by the kernel's own default promotion (a
+/// server that did not negotiate WRITE_FAULT), alternating, same boot.
 pub fn fault() -> Result<()> {
     use crate::managed::Server;
-    let mut upcall = Vec::new();
-    let mut default = Vec::new();
+    let (mut upcall, mut standing, mut default) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let mut srv = Server::start(0)?;
-        let u = managed_write_round(&mut srv, 0xb0 + round as u64, true)?;
+        let u = managed_write_round(&mut srv, 0xb0 + round as u64, Decided::Upcall)?;
+        if srv.result("standing default")? != 0 {
+            bail!("SET_STANDING DEFAULT failed");
+        }
+        let s = managed_write_round(&mut srv, 0xd0 + round as u64, Decided::Standing)?;
         srv.quit()?;
         let mut srv = Server::start_with(0, "no-write-fault")?;
-        let d = managed_write_round(&mut srv, 0xc0 + round as u64, false)?;
+        let d = managed_write_round(&mut srv, 0xc0 + round as u64, Decided::NoServer)?;
         srv.quit()?;
         println!(
-            "BENCH fault round {round}: upcall verdict {u:.0} ns/fault, kernel default {d:.0} ns/fault, ratio {:.2}",
-            u / d
+            "BENCH fault round {round}: upcall verdict {u:.0} ns/fault, standing verdict {s:.0} \
+             ns/fault, kernel default {d:.0} ns/fault; ratios {:.2} and {:.2}",
+            u / d,
+            s / d
         );
         upcall.push(u);
+        standing.push(s);
         default.push(d);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let mut ratios: Vec<f64> = upcall.iter().zip(&default).map(|(u, d)| u / d).collect();
-    ratios.sort_by(f64::total_cmp);
+    let median_ratio = |v: &[f64]| {
+        let mut r: Vec<f64> = v.iter().zip(&default).map(|(x, d)| x / d).collect();
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
     println!(
-        "BENCH fault: write fault on a managed page: upcall verdict {:.0} ns, kernel default {:.0} ns \
-         (means of {ROUNDS} rounds of 2048 faults); ratio of means {:.2}, median ratio {:.2}",
+        "BENCH fault: write fault on a managed page: upcall verdict {:.0} ns, standing verdict \
+         {:.0} ns, kernel default {:.0} ns (means of {ROUNDS} rounds of 2048 faults); upcall / \
+         default: ratio of means {:.2}, median ratio {:.2}; standing / default: ratio of means \
+         {:.2}, median ratio {:.2}",
         mean(&upcall),
+        mean(&standing),
         mean(&default),
         mean(&upcall) / mean(&default),
-        ratios[ratios.len() / 2]
+        median_ratio(&upcall),
+        mean(&standing) / mean(&default),
+        median_ratio(&standing),
     );
-    anon()
+    Ok(())
 }
 
 /// `bench-anon`: first-touch anonymous faults with nothing attached: map

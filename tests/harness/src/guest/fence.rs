@@ -384,6 +384,98 @@ pub fn credit() -> Result<()> {
 
 // ---------------------------------------------------------------------------
 
+/// `standing-verdict`: with a standing verdict (SET_STANDING) a write
+/// fault on node 1 is decided without asking: the page is promoted, the
+/// data intact, the books exact from PROMOTED events; clearing it, a
+/// DETACH/ATTACH and the server's death each make faults ask again.
+pub fn standing_verdict() -> Result<()> {
+    const LEN: usize = 4 << 20;
+    let n = pages(LEN) as u64;
+    let mut srv = Server::start(1 << 20)?;
+    let expect = |what: &str, got: i32, want: i32| sys::expect_eq("standing", what, got, want);
+    expect(
+        "a PROMOTE to the managed node itself",
+        srv.result(&format!("standing {NODE}"))?,
+        -libc::EINVAL,
+    )?;
+    expect(
+        "a PROMOTE to a node that does not exist",
+        srv.result("standing 9")?,
+        -libc::EINVAL,
+    )?;
+    expect(
+        "a standing verdict for node 0 (not managed)",
+        srv.result("standing default 0")?,
+        -libc::ENOENT,
+    )?;
+    expect(
+        "a standing verdict for node 4096",
+        srv.result("standing default 4096")?,
+        -libc::ENXIO,
+    )?;
+
+    // Each standing verdict, then none: (verdict, faults asked per page).
+    for (how, asked) in [("default", 0), ("0", 0), ("none", 1)] {
+        let mut mem = demoted(&mut srv, LEN, 0x57a, false)?;
+        srv.cmd("reset")?;
+        expect(
+            &format!("SET_STANDING {how}"),
+            srv.result(&format!("standing {how}"))?,
+            0,
+        )?;
+        let (requests, standing) = (stat("requests")?, stat("standing_verdicts")?);
+        flip(&mut mem, |_| true);
+        let faults = my_faults(&mut srv, &mem)?;
+        let decided = stat("standing_verdicts")? - standing;
+        let requests = stat("requests")? - requests;
+        let (_, books, truth) = srv.settled()?;
+        println!(
+            "standing-verdict: {how}: {n} pages written: {faults} WRITE_FAULTs asked, {decided} \
+             decided standing, {requests} upcall requests; books {} pages, kernel {}",
+            books.0, truth.0
+        );
+        ensure(faults == asked * n, || {
+            format!(
+                "standing {how}: {faults} WRITE_FAULTs asked, want {}",
+                asked * n
+            )
+        })?;
+        ensure(decided == (1 - asked) * n, || {
+            format!(
+                "standing {how}: {decided} faults decided standing, want {}",
+                (1 - asked) * n
+            )
+        })?;
+        ensure(books == truth, || {
+            format!("standing {how}: books {books:?}, kernel {truth:?}")
+        })?;
+        all_on_node0(how, &mem)?;
+        check_flipped(&mut mem, 0x57a, |_| true)?;
+    }
+
+    // A DETACH and ATTACH, and then the server's death, forget it.
+    for end in ["detach", "death"] {
+        expect("SET_STANDING default", srv.result("standing default")?, 0)?;
+        if end == "detach" {
+            expect("DETACH_NODE", srv.result("detach")?, 0)?;
+            expect("ATTACH_NODE", srv.result("attach 1048576")?, 0)?;
+        } else {
+            srv.kill()?;
+            srv = Server::start(1 << 20)?;
+        }
+        let mut mem = demoted(&mut srv, LEN, 0x57b, false)?;
+        srv.cmd("reset")?;
+        flip(&mut mem, |_| true);
+        let faults = my_faults(&mut srv, &mem)?;
+        println!("standing-verdict: after the {end}: {faults} WRITE_FAULTs asked for {n} pages");
+        ensure(faults == n, || {
+            format!("after the {end}: {faults} WRITE_FAULTs asked, want {n}")
+        })?;
+        check_flipped(&mut mem, 0x57b, |_| true)?;
+    }
+    srv.quit()
+}
+
 /// `resync`: a new server's RESYNC reports exactly what is on node 1.
 pub fn resync() -> Result<()> {
     let mut a = Server::start(1 << 20)?;

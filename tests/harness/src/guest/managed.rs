@@ -17,6 +17,8 @@
 //! - `held`: how many WRITE_FAULTs are held; `release`: answer them DEFAULT;
 //! - `hints hold`: never answer HINT_FAULTs from now on;
 //! - `credit set <pages>` (SET_CREDIT), `credit mode deny|grant:<pages>`;
+//! - `standing none|default|<target> [<nid>]`: SET_STANDING (of node 1
+//!   unless `nid` is given): the command's result;
 //! - `detach` (DETACH_NODE) and `attach <credit>` (ATTACH_NODE again):
 //!   the commands' results;
 //! - `move <pid> <addr> <pages> <node>`: `move_pages(2)` as the server;
@@ -40,7 +42,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mm_upcall_kernel::proto::control::{Control, decode_node_info};
+use mm_upcall_kernel::proto::control::{Control, Standing, decode_node_info};
 use mm_upcall_kernel::proto::event::Event;
 use mm_upcall_kernel::proto::raw::{self, NodeInfo};
 use mm_upcall_kernel::proto::upcall::Upcall;
@@ -388,6 +390,16 @@ fn command(t: &mut Transport, st: &mut State, line: &str) -> Result<Option<Strin
             format!("OK books={pages} hash={hash}")
         }
         ["self-write"] => self_write()?,
+        ["standing", what] | ["standing", what, _] => {
+            let standing = match *what {
+                "none" => Standing::Ask,
+                "default" => Standing::Default,
+                n => Standing::Promote(n.parse()?),
+            };
+            let nid = if w.len() == 3 { num(2)? as u32 } else { NODE };
+            let out = t.control_sync(Control::SetStanding { nid, standing })?;
+            format!("OK {}", errno_of(&out))
+        }
         ["detach"] => {
             let out = t.control_sync(Control::DetachNode { nid: NODE })?;
             format!("OK {}", errno_of(&out))

@@ -88,6 +88,8 @@
 	_IOW(MM_UPCALL_IOC_MAGIC, 0x15, struct mm_upcall_resync)
 #define MM_UPCALL_CMD_PING \
 	_IOWR(MM_UPCALL_IOC_MAGIC, 0x16, struct mm_upcall_ping)
+#define MM_UPCALL_CMD_SET_STANDING \
+	_IOW(MM_UPCALL_IOC_MAGIC, 0x17, struct mm_upcall_set_standing)
 
 /* Size of the command area of a 128-byte SQE. */
 #define MM_UPCALL_CTRL_CMD_SIZE		80
@@ -275,6 +277,23 @@ struct mm_upcall_resync {
 	__u64	start_pfn;
 	__u64	nr_pages;
 	__u64	reserved;
+};
+
+/*
+ * MM_UPCALL_CMD_SET_STANDING: a verdict for every WRITE_FAULT on managed
+ * node nid from now on, taken without asking: MM_UPCALL_V_PROMOTE (arg:
+ * the target, as in a PROMOTE verdict) or MM_UPCALL_V_DEFAULT (arg 0: the
+ * faulting CPU's node, as with no server).  Verdict 0 (arg 0) asks per
+ * fault again.  ATTACH_NODE, DETACH_NODE and the server's death clear it.
+ * The folios leave the node as after an answered WRITE_FAULT, with
+ * PROMOTED events; faults that were already asking get their answers.
+ */
+struct mm_upcall_set_standing {
+	__u32	nid;
+	__u16	verdict;
+	__u16	flags;		/* none defined: 0 */
+	__u32	arg;
+	__u32	reserved;
 };
 
 /*

@@ -20,6 +20,7 @@
 //! fast_nodes = [0]
 //! hot_window_ms = 1000        # heat halves after each window
 //! credit_chunk_pages = 4096   # least credit per DEMOTE_CREDIT request
+//! standing_verdicts = true    # let the kernel promote without asking when the answer is fixed
 //!
 //! [[node]]
 //! nid = 1
@@ -220,6 +221,11 @@ pub struct PolicySection {
     /// Least credit granted per DEMOTE_CREDIT request, pages.
     #[serde(default = "default_chunk")]
     pub credit_chunk_pages: u64,
+    /// Let the kernel promote written pages without asking while the
+    /// answer would not depend on the fault (no writable budget, no fast
+    /// node short of memory).
+    #[serde(default = "default_true")]
+    pub standing_verdicts: bool,
 }
 
 impl Default for PolicySection {
@@ -231,6 +237,7 @@ impl Default for PolicySection {
             fast_nodes: default_fast(),
             hot_window_ms: default_window(),
             credit_chunk_pages: default_chunk(),
+            standing_verdicts: true,
         }
     }
 }
@@ -431,6 +438,7 @@ impl Config {
             promote_rate_limit_mbps: self.policy.promote_rate_limit_mbps,
             fast_nodes: self.policy.fast_nodes.clone(),
             credit_chunk_pages: self.policy.credit_chunk_pages,
+            standing_verdicts: self.policy.standing_verdicts,
         }
     }
 }

@@ -83,6 +83,8 @@ pub struct NodeGauges {
     pub level: u8,
     /// 0 served, 1 draining (`mmctl drain`), 2 detaching, 3 detached.
     pub state: u8,
+    /// 1 while the kernel decides write faults by a standing verdict.
+    pub standing: u8,
 }
 
 impl NodeGauges {
@@ -104,6 +106,7 @@ impl NodeGauges {
                 Level::Critical => 2,
             },
             state: 0,
+            standing: 0,
         }
     }
 
@@ -432,6 +435,20 @@ impl Snapshot {
         );
         for (g, _) in &self.nodes {
             let _ = writeln!(o, "mm_server_node_state{{nid=\"{}\"}} {}", g.nid, g.state);
+        }
+        family(
+            &mut o,
+            "standing_verdict",
+            "gauge",
+            "1 while the kernel promotes written pages without asking (SET_STANDING: no \
+             writable budget, no fast node short of memory), 0 while every write fault is asked.",
+        );
+        for (g, _) in &self.nodes {
+            let _ = writeln!(
+                o,
+                "mm_server_standing_verdict{{nid=\"{}\"}} {}",
+                g.nid, g.standing
+            );
         }
         family(
             &mut o,

@@ -10,6 +10,7 @@
 //!   (worst-case reservations), `Deny` when that is nothing.
 //! - Ping: `Pong` with the cookie.
 
+use mm_upcall_proto::control::Standing;
 use mm_upcall_proto::upcall::{Fault, Upcall};
 use mm_upcall_proto::verdict::Verdict;
 
@@ -31,6 +32,10 @@ pub struct PolicyConfig {
     /// demotions until the answer arrives: granting in chunks keeps
     /// reclaim from stalling on round trips.
     pub credit_chunk_pages: u64,
+    /// Leave the kernel a standing verdict (`SET_STANDING`) while the
+    /// write-fault verdict cannot depend on the fault: see
+    /// [`Policy::standing`].
+    pub standing_verdicts: bool,
 }
 
 impl Default for PolicyConfig {
@@ -41,6 +46,7 @@ impl Default for PolicyConfig {
             promote_rate_limit_mbps: 65536,
             fast_nodes: vec![0],
             credit_chunk_pages: 4096,
+            standing_verdicts: true,
         }
     }
 }
@@ -148,14 +154,32 @@ impl Policy {
         &self.cfg
     }
 
-    /// Replace the knobs at run time (the fast nodes stay); the promotion
-    /// rate limit starts afresh.
+    /// Replace the knobs at run time (the fast nodes and the use of
+    /// standing verdicts stay); the promotion rate limit starts afresh.
     pub fn reconfigure(&mut self, cfg: PolicyConfig, now_ns: u64) {
         self.rate = RateLimit::new(cfg.promote_rate_limit_mbps, now_ns);
         self.cfg = PolicyConfig {
             fast_nodes: std::mem::take(&mut self.cfg.fast_nodes),
+            standing_verdicts: self.cfg.standing_verdicts,
             ..cfg
         };
+    }
+
+    /// The write-fault verdict the kernel may apply without asking, the
+    /// same for every fault as [`Policy::decide`] would give: with no
+    /// writable budget a write fault always promotes, and with no fast
+    /// node short of memory the target is the faulting CPU's node, which
+    /// is the kernel's default.  Otherwise (or when disabled) every fault
+    /// is asked.
+    pub fn standing(&self) -> Standing {
+        if self.cfg.standing_verdicts
+            && self.cfg.writable_budget == 0
+            && self.low_on_memory.is_empty()
+        {
+            Standing::Default
+        } else {
+            Standing::Ask
+        }
     }
 
     fn is_managed(&self, nid: u16) -> bool {

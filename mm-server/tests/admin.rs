@@ -33,6 +33,7 @@ fn snapshot() -> Snapshot {
             zero: 10,
             level: 0,
             state: 0,
+            standing: 1,
         },
         NodeCounters {
             demoted: 1024,

@@ -8,7 +8,7 @@ use mm_server::core::{
     Core, CoreConfig, Life, MoveRefused, NodeRefused, RETIRE_GRACE_NS, RuntimePolicy, TICK_NS,
 };
 use mm_server::policy::PolicyConfig;
-use mm_upcall_proto::control::Control;
+use mm_upcall_proto::control::{Control, Standing};
 use mm_upcall_proto::event::{Event, PlaceReason};
 
 const START: u64 = 0x10_0000;
@@ -309,4 +309,118 @@ fn page_ages_count_from_arrival_and_stop_at_the_maximum() {
     a.placed(START + 2, 0, false).unwrap();
     assert_eq!(a.aged(MAX_AGE_S, 10), vec![START, START + 1]);
     assert_eq!(a.aged(1, 10), vec![START, START + 1]);
+}
+
+/// The SET_STANDING commands among `cmds`.
+fn standings(cmds: &[Control]) -> Vec<Standing> {
+    cmds.iter()
+        .filter_map(|c| match *c {
+            Control::SetStanding { nid: 1, standing } => Some(standing),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_standing_verdict_stands_while_the_write_fault_answer_is_fixed() {
+    // serving() ran the first ticks: with no writable budget and no fast
+    // node short of memory the kernel was told to promote on its own.
+    let (mut c, mut now) = serving();
+    assert_eq!(c.nodes()[0].standing, Standing::Default);
+    assert_eq!(c.snapshot(now).nodes[0].0.standing, 1);
+    now += TICK_NS;
+    c.tick(now, Vec::new());
+    assert!(
+        standings(&run_commands(&mut c, now, |_| 0)).is_empty(),
+        "nothing is sent while it holds"
+    );
+
+    // A writable budget: the answer depends on the page (in place while
+    // the budget lasts), so every fault is asked again.
+    let mut p = c.policy_get(1).unwrap();
+    p.writable_budget = 64;
+    c.policy_set(&p, now).unwrap();
+    assert_eq!(
+        standings(&run_commands(&mut c, now, |_| 0)),
+        vec![Standing::Ask]
+    );
+    assert_eq!(c.nodes()[0].standing, Standing::Ask);
+    p.writable_budget = 0;
+    c.policy_set(&p, now).unwrap();
+    assert_eq!(
+        standings(&run_commands(&mut c, now, |_| 0)),
+        vec![Standing::Default]
+    );
+
+    // A fast node short of memory: the target depends on the faulting
+    // CPU's node.
+    now += TICK_NS;
+    c.tick(now, vec![0]);
+    assert_eq!(
+        standings(&run_commands(&mut c, now, |_| 0)),
+        vec![Standing::Ask]
+    );
+    // A failure is retried later, not on every tick.
+    now += TICK_NS;
+    c.tick(now, Vec::new());
+    assert_eq!(
+        standings(&run_commands(&mut c, now, |_| -libc::EIO)),
+        vec![Standing::Default]
+    );
+    assert_eq!(c.nodes()[0].standing, Standing::Ask);
+    now += TICK_NS;
+    c.tick(now, Vec::new());
+    assert!(standings(&run_commands(&mut c, now, |_| 0)).is_empty());
+    now += 10 * S;
+    c.tick(now, Vec::new());
+    assert_eq!(
+        standings(&run_commands(&mut c, now, |_| 0)),
+        vec![Standing::Default]
+    );
+}
+
+#[test]
+fn a_kernel_without_set_standing_is_asked_every_fault() {
+    let cfg = CoreConfig {
+        policy: PolicyConfig::default(),
+        hot_window_ns: S,
+        drain_timeout_ns: 10 * S,
+        detach_on_stop: true,
+    };
+    let account = NodeAccount::new(geometry(), START, PAGES).unwrap();
+    let mut c = Core::new(cfg, vec![(1, account)], 0).unwrap();
+    let mut sent = Vec::new();
+    let mut now = 0;
+    for _ in 0..20 {
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+        sent.extend(run_commands(&mut c, now, |ctrl| match ctrl {
+            Control::SetStanding { .. } => -libc::EOPNOTSUPP,
+            _ => 0,
+        }));
+        now += 10 * S;
+    }
+    assert_eq!(standings(&sent), vec![Standing::Default], "asked once");
+    assert_eq!(c.nodes()[0].standing, Standing::Ask);
+}
+
+#[test]
+fn standing_verdicts_can_be_turned_off() {
+    let cfg = CoreConfig {
+        policy: PolicyConfig {
+            standing_verdicts: false,
+            ..PolicyConfig::default()
+        },
+        hot_window_ns: S,
+        drain_timeout_ns: 10 * S,
+        detach_on_stop: true,
+    };
+    let account = NodeAccount::new(geometry(), START, PAGES).unwrap();
+    let mut c = Core::new(cfg, vec![(1, account)], 0).unwrap();
+    let mut now = 0;
+    for _ in 0..10 {
+        now += TICK_NS;
+        c.tick(now, Vec::new());
+        assert!(standings(&run_commands(&mut c, now, |_| 0)).is_empty());
+    }
 }

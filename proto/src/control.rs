@@ -68,7 +68,7 @@ impl Standing {
     /// `(verdict, arg)` of `struct mm_upcall_set_standing`.
     pub const fn raw(self) -> (u16, u32) {
         match self {
-            Standing::Ask => (0, 0),
+            Standing::Ask => (raw::verdict::NONE, 0),
             Standing::Default => (raw::verdict::DEFAULT, 0),
             Standing::Promote(nid) => (raw::verdict::PROMOTE, nid),
         }
@@ -82,10 +82,10 @@ impl Standing {
     /// is never standing), or an `arg` where none is taken.
     pub fn from_raw(verdict: u16, arg: u32) -> Result<Self, DecodeError> {
         match (verdict, arg) {
-            (0, 0) => Ok(Standing::Ask),
+            (raw::verdict::NONE, 0) => Ok(Standing::Ask),
             (raw::verdict::DEFAULT, 0) => Ok(Standing::Default),
             (raw::verdict::PROMOTE, nid) => Ok(Standing::Promote(nid)),
-            (0 | raw::verdict::DEFAULT, a) => Err(DecodeError::Invalid {
+            (raw::verdict::NONE | raw::verdict::DEFAULT, a) => Err(DecodeError::Invalid {
                 field: "arg",
                 value: a.into(),
             }),

@@ -121,6 +121,8 @@ impl DescFlags {
 
 /// `MM_UPCALL_V_*`: verdicts.
 pub mod verdict {
+    /// `SET_STANDING` only: ask per fault.
+    pub const NONE: u16 = 0;
     pub const PROMOTE: u16 = 1;
     pub const ALLOW_IN_PLACE: u16 = 2;
     pub const STAY: u16 = 3;

@@ -31,7 +31,7 @@ use std::fmt;
 use mm_server::capacity::{Geometry, NodeAccount, PAGE_SIZE, pfn_hash};
 use mm_server::core::{Books, CmdId, Core, CoreConfig, Phase};
 use mm_server::policy::PolicyConfig;
-use mm_upcall_proto::control::Control;
+use mm_upcall_proto::control::{Control, Standing};
 use mm_upcall_proto::event::{Event, PlaceReason};
 use mm_upcall_proto::upcall::{Fault, Upcall};
 use mm_upcall_proto::verdict::Verdict;
@@ -139,6 +139,8 @@ struct Kernel {
     attached: bool,
     /// A DETACH_NODE ran while pages were resident.
     detached_nonempty: Option<u64>,
+    /// The node's standing verdict for write faults (SET_STANDING).
+    standing: Standing,
 }
 
 impl Kernel {
@@ -255,6 +257,8 @@ pub struct Stats {
     pub quiet_checks: u64,
     /// Frees the kernel folded into queued records.
     pub folded: u64,
+    /// Write faults the standing verdict decided without asking.
+    pub standing: u64,
     pub detached: bool,
     /// A digest of the run (same seed, same digest).
     pub digest: u64,
@@ -286,6 +290,7 @@ fn core_config(knobs: &Knobs) -> CoreConfig {
             promote_rate_limit_mbps: 65536,
             fast_nodes: vec![0],
             credit_chunk_pages: 16,
+            standing_verdicts: true,
         },
         hot_window_ns: 200 * MS,
         drain_timeout_ns: 30_000 * MS,
@@ -316,6 +321,7 @@ impl Sim {
             demoting: Vec::new(),
             attached: true,
             detached_nonempty: None,
+            standing: Standing::Ask,
         };
         let core = Self::new_core(&knobs, geometry, 0);
         Self {
@@ -541,6 +547,12 @@ impl Sim {
             self.k.page(pfn).as_mut().expect("resident").bytes = bytes;
             return;
         }
+        if self.k.standing != Standing::Ask {
+            // Decided by the standing verdict, without asking: promoted.
+            self.stats.standing += 1;
+            self.leave(pfn, true);
+            return;
+        }
         match self
             .core
             .upcall(&Upcall::WriteFault(self.fault(pfn)), self.now)
@@ -639,12 +651,20 @@ impl Sim {
                     covered as i32
                 }
             }
+            Control::SetStanding { standing, .. } => {
+                if !self.k.attached {
+                    return -2;
+                }
+                self.k.standing = standing;
+                0
+            }
             Control::DetachNode { .. } => {
                 let resident = self.k.resident().count() as u64 + self.k.demoting.len() as u64;
                 if resident > 0 {
                     self.k.detached_nonempty = Some(resident);
                 }
                 self.k.attached = false;
+                self.k.standing = Standing::Ask;
                 self.stats.detached = true;
                 0
             }
@@ -708,6 +728,8 @@ impl Sim {
         self.k.credit = 0;
         self.k.credit_gen += 1;
         self.k.asks = true;
+        // The server's death clears it; the new server attaches anyway.
+        self.k.standing = Standing::Ask;
         if !self.knobs.known_gap {
             // The fence comes back with the server.
             for p in self.k.pages.iter_mut().flatten() {

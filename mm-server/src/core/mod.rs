@@ -25,7 +25,7 @@ mod node;
 
 use std::collections::{HashMap, VecDeque};
 
-use mm_upcall_proto::control::Control;
+use mm_upcall_proto::control::{Control, Standing};
 use mm_upcall_proto::event::{Event, PlaceReason};
 use mm_upcall_proto::upcall::{Fault, Upcall};
 use mm_upcall_proto::verdict::Verdict;
@@ -56,6 +56,8 @@ const EVICT_PATIENCE_NS: u64 = S;
 const EVICT_BACKOFF_NS: u64 = 5 * S;
 /// The same while draining.
 const DRAIN_BACKOFF_NS: u64 = 200 * MS;
+/// How long after a failed SET_STANDING it is tried again.
+const STANDING_RETRY_NS: u64 = 10 * S;
 /// Largest RESYNC range per command (the kernel's count is an `int`).
 const MAX_RESYNC_PAGES: u64 = i32::MAX as u64;
 /// RESYNC failures in a row after which the books cannot be rebuilt.
@@ -77,6 +79,7 @@ enum Cmd {
     SetCredit { node: usize, pages: u64 },
     Evict { node: usize, pfn: u64 },
     Detach { node: usize },
+    SetStanding { node: usize, standing: Standing },
 }
 
 /// The knobs `mmctl policy` reads and sets at run time.
@@ -205,6 +208,8 @@ pub struct Core {
     last_cool: u64,
     ready: Readiness,
     fatal: Option<String>,
+    /// The kernel answered SET_STANDING `EOPNOTSUPP` (no patch 0031).
+    standing_unsupported: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,6 +270,7 @@ impl Core {
             last_cool: now,
             ready: Readiness::Starting,
             fatal: None,
+            standing_unsupported: false,
         };
         for i in 0..core.nodes.len() {
             core.resync_step(i);
@@ -556,10 +562,13 @@ impl Core {
                 promote_rate_limit_mbps: p.promote_rate_limit_mbps,
                 fast_nodes: Vec::new(),
                 credit_chunk_pages: p.credit_chunk_pages,
+                // Kept from the configuration by `reconfigure`.
+                standing_verdicts: false,
             },
             now,
         );
         tracing::info!(?p, "policy set at run time");
+        self.sync_standing(now);
         Ok(())
     }
 
@@ -906,12 +915,31 @@ impl Core {
                     tracing::debug!(nid = n.nid, pfn, "PROMOTE_PFN: errno {}", -r);
                 }
             }
+            Cmd::SetStanding { node, standing } => {
+                let n = &mut self.nodes[node];
+                n.standing_sending = false;
+                if r >= 0 {
+                    n.standing = standing;
+                    tracing::info!(nid = n.nid, ?standing, "standing verdict for write faults");
+                } else if r == -libc::EOPNOTSUPP {
+                    self.standing_unsupported = true;
+                    tracing::info!(
+                        "the kernel has no SET_STANDING (patch 0031): every write fault is \
+                         asked"
+                    );
+                } else {
+                    n.standing_retry_at = now + STANDING_RETRY_NS;
+                    tracing::warn!(nid = n.nid, ?standing, "SET_STANDING failed: errno {}", -r);
+                }
+            }
             Cmd::Detach { node } => {
                 let n = &mut self.nodes[node];
                 let nid = n.nid;
                 if r >= 0 {
                     tracing::info!(nid, "node empty (RESYNC reports no page): detached");
                     n.life = Life::Detached;
+                    // DETACH_NODE cleared it in the kernel.
+                    n.standing = Standing::Ask;
                 } else {
                     tracing::error!(nid, "DETACH_NODE failed: errno {}", -r);
                     if n.life == Life::Detaching {
@@ -1012,6 +1040,34 @@ impl Core {
         self.submit(ctrl, Cmd::Resync { node: i });
     }
 
+    /// Bring each node's standing verdict in the kernel to what the
+    /// policy gives now ([`Policy::standing`]), one SET_STANDING at a
+    /// time per node.
+    fn sync_standing(&mut self, now: u64) {
+        if self.standing_unsupported {
+            return;
+        }
+        let want = self.policy.standing();
+        for i in 0..self.nodes.len() {
+            let n = &mut self.nodes[i];
+            if n.gone() || n.standing_sending || n.standing == want || now < n.standing_retry_at {
+                continue;
+            }
+            n.standing_sending = true;
+            let nid = u32::from(n.nid);
+            self.submit(
+                Control::SetStanding {
+                    nid,
+                    standing: want,
+                },
+                Cmd::SetStanding {
+                    node: i,
+                    standing: want,
+                },
+            );
+        }
+    }
+
     /// SET_CREDIT, one at a time per node.
     fn set_credit(&mut self, i: usize, pages: u64) {
         let n = &mut self.nodes[i];
@@ -1055,6 +1111,7 @@ impl Core {
             self.tick_node(i, now);
         }
         self.policy.set_low_on_memory(low_on_memory);
+        self.sync_standing(now);
         if now.saturating_sub(self.last_cool) >= self.hot_window_ns {
             self.last_cool = now;
             for n in &mut self.nodes {
@@ -1340,6 +1397,10 @@ impl Core {
                         Life::Draining => 1,
                         Life::Detaching => 2,
                         Life::Detached => 3,
+                    };
+                    g.standing = match n.standing {
+                        Standing::Ask => 0,
+                        Standing::Default | Standing::Promote(_) => 1,
                     };
                     (g, c)
                 })

@@ -3,6 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use mm_upcall_proto::control::Standing;
+
 use crate::capacity::NodeAccount;
 use crate::metrics::NodeCounters;
 
@@ -93,6 +95,13 @@ pub struct Node {
     /// Pfns an operator asked to evict (`mmctl evict`), submitted as
     /// eviction slots free up.
     pub evict_queue: std::collections::VecDeque<u64>,
+    /// The node's standing verdict for write faults in the kernel, as
+    /// last acknowledged (`SET_STANDING`; ATTACH clears it).
+    pub standing: Standing,
+    /// A SET_STANDING is in flight.
+    pub standing_sending: bool,
+    /// A SET_STANDING failed: not sent again before this time (ns).
+    pub standing_retry_at: u64,
 }
 
 impl Node {
@@ -122,6 +131,9 @@ impl Node {
             moves_waiting_until: None,
             life: Life::Active,
             evict_queue: std::collections::VecDeque::new(),
+            standing: Standing::Ask,
+            standing_sending: false,
+            standing_retry_at: 0,
         }
     }
 

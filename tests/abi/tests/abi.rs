@@ -60,6 +60,7 @@ fn rust_side() -> BTreeMap<String, u64> {
         ("MM_UPCALL_OP_DEMOTE_CREDIT", op::DEMOTE_CREDIT.into()),
         ("MM_UPCALL_OP_PING", op::PING.into()),
         ("MM_UPCALL_DESC_F_ALL", DescFlags::ALL.bits().into()),
+        ("MM_UPCALL_V_NONE", raw::verdict::NONE.into()),
         ("MM_UPCALL_V_PROMOTE", raw::verdict::PROMOTE.into()),
         (
             "MM_UPCALL_V_ALLOW_IN_PLACE",

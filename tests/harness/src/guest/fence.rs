@@ -473,7 +473,16 @@ pub fn standing_verdict() -> Result<()> {
         })?;
         check_flipped(&mut mem, 0x57b, |_| true)?;
     }
-    srv.quit()
+    srv.quit()?;
+    // A server that is not asked about write faults has no say.
+    let mut srv = Server::start_with(0, "no-write-fault")?;
+    expect(
+        "SET_STANDING by a server without WRITE_FAULT",
+        srv.result("standing default")?,
+        -libc::EINVAL,
+    )?;
+    srv.quit()?;
+    crate::clients::standing_by_default()
 }
 
 /// `resync`: a new server's RESYNC reports exactly what is on node 1.

@@ -39,8 +39,21 @@ pub struct MmServer {
 
 impl MmServer {
     /// Start `mm-server` with `[[node]]` 1 of `capacity_mib` and the given
-    /// extra node keys (e.g. watermarks); wait until it reports READY=1.
+    /// extra node keys (e.g. watermarks), every write fault asked (the
+    /// scenarios that count mm-server's write-fault verdicts); wait until
+    /// it reports READY=1.
     pub fn start(name: &str, capacity_mib: u64, node_extra: &str) -> Result<Self> {
+        Self::start_with_policy(name, capacity_mib, node_extra, "standing_verdicts = false")
+    }
+
+    /// As [`MmServer::start`], with these `[policy]` keys (`""`: the
+    /// defaults, standing verdicts included).
+    pub fn start_with_policy(
+        name: &str,
+        capacity_mib: u64,
+        node_extra: &str,
+        policy: &str,
+    ) -> Result<Self> {
         let bin = std::env::current_exe()?.with_file_name("mm-server");
         let dir = PathBuf::from("/tmp");
         let cfg = dir.join(format!("{name}.toml"));
@@ -51,7 +64,7 @@ impl MmServer {
             &cfg,
             format!(
                 "[server]\nadmin_socket = \"{}\"\nclient_socket = \"{}\"\nclient_group = \"65534\"\n\
-                 timeout_ms = 10000\ndrain_timeout_ms = {}\n\n\
+                 timeout_ms = 10000\ndrain_timeout_ms = {}\n\n[policy]\n{policy}\n\n\
                  [[node]]\nnid = 1\ncapacity_mib = {capacity_mib}\n{node_extra}\n",
                 sock.display(),
                 client_sock.display(),
@@ -298,7 +311,7 @@ fn node_mib(nid: u32, key: &str) -> Result<u64> {
 
 /// How the books got where they are.
 #[derive(Clone, Copy, PartialEq)]
-enum Books {
+pub enum Books {
     /// From events alone: the startup RESYNC and no other, no OVERFLOW.
     FromEvents,
     /// Possibly healed by a RESYNC after lost events (a burst larger than
@@ -306,7 +319,7 @@ enum Books {
     MayResync,
 }
 
-fn agree(srv: &MmServer, what: &str, how: Books) -> Result<u64> {
+pub fn agree(srv: &MmServer, what: &str, how: Books) -> Result<u64> {
     let (books, truth) = srv.settle(what)?;
     ensure(books == truth, || {
         format!(
@@ -1158,7 +1171,8 @@ fn demote(
 pub fn demo() -> Result<()> {
     const LEN: usize = 64 << 20;
     let cap_mib = node_mib(1, "MemTotal")? / 2;
-    let srv = MmServer::start("demo", cap_mib, "")?;
+    // The defaults a user gets, standing verdicts included.
+    let srv = MmServer::start_with_policy("demo", cap_mib, "", "")?;
     println!(
         "demo: mm-server manages node 1 as a compressed device of {cap_mib} MiB \
          (half its size); watermarks 60/80/95 %"
@@ -1189,14 +1203,21 @@ pub fn demo() -> Result<()> {
         get("compression_ratio{nid=\"1\"}"),
     );
     let wf0 = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")?;
+    let (fenced0, standing0) = (stat("write_faults")?, stat("standing_verdicts")?);
     let t = Instant::now();
     let (text, random) = mem.as_mut_slice().split_at_mut(LEN / 2);
     fill(text, 0xe0, Content::Compressible);
     fill(random, 0xe1, Content::Random);
     let wf = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")? - wf0;
+    let (fenced, standing) = (
+        stat("write_faults")? - fenced0,
+        stat("standing_verdicts")? - standing0,
+    );
     let (n0, n1, _) = where_are(&mem)?;
     println!(
-        "demo: rewrote all {} pages in {:.1} s: {wf} WRITE_FAULT upcalls answered by mm-server; now {n0} on node 0, {n1} on node 1",
+        "demo: rewrote all {} pages in {:.1} s: {fenced} writes stopped by the fence, {standing} \
+         promoted by mm-server's standing verdict (no round trip), {wf} asked of it; now {n0} on \
+         node 0, {n1} on node 1",
         pages(LEN),
         t.elapsed().as_secs_f64()
     );
@@ -1226,7 +1247,9 @@ pub fn demo() -> Result<()> {
     }) {
         println!("demo:   {l}");
     }
-    ensure(wf > 0.0, || "demo: no write fault reached mm-server".into())?;
+    ensure(fenced > 0 && standing + wf as u64 > 0, || {
+        "demo: no write was fenced and decided".into()
+    })?;
     let log = srv.stop()?;
     ensure(log.contains("detached"), || {
         "demo: the drain did not detach node 1".into()

@@ -136,6 +136,7 @@ struct mm_upcall_desc {
 };
 
 /* Verdicts: struct mm_upcall_io_cmd.verdict. */
+#define MM_UPCALL_V_NONE		0	/* SET_STANDING: ask per fault */
 #define MM_UPCALL_V_PROMOTE		1	/* arg: target nid */
 #define MM_UPCALL_V_ALLOW_IN_PLACE	2	/* WRITE_FAULT only */
 #define MM_UPCALL_V_STAY		3	/* HINT_FAULT only */
@@ -280,13 +281,18 @@ struct mm_upcall_resync {
 };
 
 /*
- * MM_UPCALL_CMD_SET_STANDING: a verdict for every WRITE_FAULT on managed
+ * MM_UPCALL_CMD_SET_STANDING: a verdict for the WRITE_FAULTs on managed
  * node nid from now on, taken without asking: MM_UPCALL_V_PROMOTE (arg:
- * the target, as in a PROMOTE verdict) or MM_UPCALL_V_DEFAULT (arg 0: the
- * faulting CPU's node, as with no server).  Verdict 0 (arg 0) asks per
- * fault again.  ATTACH_NODE, DETACH_NODE and the server's death clear it.
- * The folios leave the node as after an answered WRITE_FAULT, with
- * PROMOTED events; faults that were already asking get their answers.
+ * the target, valid as in a PROMOTE verdict; if it is not valid any more
+ * when a fault takes it, the default applies) or MM_UPCALL_V_DEFAULT (arg
+ * 0: the faulting CPU's node, as with no server).  MM_UPCALL_V_NONE (arg
+ * 0) asks per fault again.  Needs MM_UPCALL_F_WRITE_FAULT.  ATTACH_NODE
+ * and DETACH_NODE of nid and the server's death clear it.  The folios
+ * leave the node as after an answered WRITE_FAULT, with PROMOTED events.
+ * Replacing it is not a barrier: faults already asking get their answers,
+ * and a fault that read the old verdict applies it.  Write faults that
+ * cannot be retried (a forced write, an exiting task) are never asked and
+ * are decided at once, as before.
  */
 struct mm_upcall_set_standing {
 	__u32	nid;

@@ -1241,6 +1241,7 @@ pub fn demo() -> Result<()> {
                 "mm_server_physical_used_bytes",
                 "mm_server_physical_capacity_bytes",
                 "mm_server_verdict_latency_seconds_count",
+                "mm_server_standing_verdict",
             ]
             .iter()
             .any(|p| l.starts_with(p))

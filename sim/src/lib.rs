@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use std::fmt;
 
 use mm_server::capacity::{Geometry, NodeAccount, PAGE_SIZE, pfn_hash};
-use mm_server::core::{Books, CmdId, Core, CoreConfig, Phase};
+use mm_server::core::{Books, CmdId, Core, CoreConfig, Life, Phase};
 use mm_server::policy::PolicyConfig;
 use mm_upcall_proto::control::{Control, Standing};
 use mm_upcall_proto::event::{Event, PlaceReason};
@@ -655,6 +655,9 @@ impl Sim {
                 if !self.k.attached {
                     return -2;
                 }
+                if self.rng.random_bool(0.05) {
+                    return -5;
+                }
                 self.k.standing = standing;
                 0
             }
@@ -706,7 +709,14 @@ impl Sim {
             self.core.measured(i, pfn, bytes);
         }
         if self.core.tick_due(self.now) {
-            self.core.tick(self.now, Vec::new());
+            // Now and then node 0 is short of memory (standing verdicts
+            // are withdrawn, then left again).
+            let low = if self.rng.random_bool(0.02) {
+                vec![0]
+            } else {
+                Vec::new()
+            };
+            self.core.tick(self.now, low);
         }
         while let Some((id, ctrl)) = self.core.poll_command() {
             self.log(format_args!("server sent {ctrl:?}"));
@@ -772,6 +782,14 @@ impl Sim {
             )));
         }
         let n = &self.core.nodes()[0];
+        // With no SET_STANDING or DETACH_NODE in flight, the core knows
+        // the kernel's standing verdict.
+        if !n.standing_sending && n.life != Life::Detaching && n.standing != self.k.standing {
+            return Err(self.fail(format!(
+                "the core thinks the standing verdict is {:?}, the kernel has {:?}",
+                n.standing, self.k.standing
+            )));
+        }
         let a = &n.account;
         let mine = self.k.credit
             + self

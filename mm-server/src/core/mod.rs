@@ -58,6 +58,10 @@ const EVICT_BACKOFF_NS: u64 = 5 * S;
 const DRAIN_BACKOFF_NS: u64 = 200 * MS;
 /// How long after a failed SET_STANDING it is tried again.
 const STANDING_RETRY_NS: u64 = 10 * S;
+/// How long no fast node must have been short of memory before the
+/// standing verdict is left again (a node hovering at the mark would
+/// otherwise flip it every tick).
+pub const STANDING_CALM_NS: u64 = 5 * S;
 /// Largest RESYNC range per command (the kernel's count is an `int`).
 const MAX_RESYNC_PAGES: u64 = i32::MAX as u64;
 /// RESYNC failures in a row after which the books cannot be rebuilt.
@@ -210,6 +214,9 @@ pub struct Core {
     fatal: Option<String>,
     /// The kernel answered SET_STANDING `EOPNOTSUPP` (no patch 0031).
     standing_unsupported: bool,
+    /// A fast node was short of memory: every write fault is asked until
+    /// this time (ns).
+    standing_low_until: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +278,7 @@ impl Core {
             ready: Readiness::Starting,
             fatal: None,
             standing_unsupported: false,
+            standing_low_until: 0,
         };
         for i in 0..core.nodes.len() {
             core.resync_step(i);
@@ -919,8 +927,12 @@ impl Core {
                 let n = &mut self.nodes[node];
                 n.standing_sending = false;
                 if r >= 0 {
-                    n.standing = standing;
-                    tracing::info!(nid = n.nid, ?standing, "standing verdict for write faults");
+                    // After DETACH_NODE completed (commands complete in
+                    // any order), the kernel has none.
+                    if n.life != Life::Detached {
+                        n.standing = standing;
+                        tracing::info!(nid = n.nid, ?standing, "standing verdict for write faults");
+                    }
                 } else if r == -libc::EOPNOTSUPP {
                     self.standing_unsupported = true;
                     tracing::info!(
@@ -931,6 +943,8 @@ impl Core {
                     n.standing_retry_at = now + STANDING_RETRY_NS;
                     tracing::warn!(nid = n.nid, ?standing, "SET_STANDING failed: errno {}", -r);
                 }
+                // The policy may have changed while it was in flight.
+                self.sync_standing(now);
             }
             Cmd::Detach { node } => {
                 let n = &mut self.nodes[node];
@@ -1044,10 +1058,16 @@ impl Core {
     /// policy gives now ([`Policy::standing`]), one SET_STANDING at a
     /// time per node.
     fn sync_standing(&mut self, now: u64) {
-        if self.standing_unsupported {
+        // At the end the nodes are detached (which clears it) or left for
+        // the next server (whose ATTACH clears it): nothing more to send.
+        if self.standing_unsupported || matches!(self.phase, Phase::Finishing | Phase::Done) {
             return;
         }
-        let want = self.policy.standing();
+        let want = if now < self.standing_low_until {
+            Standing::Ask
+        } else {
+            self.policy.standing()
+        };
         for i in 0..self.nodes.len() {
             let n = &mut self.nodes[i];
             if n.gone() || n.standing_sending || n.standing == want || now < n.standing_retry_at {
@@ -1109,6 +1129,9 @@ impl Core {
         self.last_tick = now;
         for i in 0..self.nodes.len() {
             self.tick_node(i, now);
+        }
+        if !low_on_memory.is_empty() {
+            self.standing_low_until = now + STANDING_CALM_NS;
         }
         self.policy.set_low_on_memory(low_on_memory);
         self.sync_standing(now);
@@ -1352,6 +1375,7 @@ impl Core {
                 continue;
             }
             let nid = u32::from(n.nid);
+            self.nodes[i].life = Life::Detaching;
             self.submit(Control::DetachNode { nid }, Cmd::Detach { node: i });
         }
         if !self

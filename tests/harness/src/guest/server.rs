@@ -1202,6 +1202,16 @@ pub fn demo() -> Result<()> {
         get("physical_used_bytes{nid=\"1\"}") / f64::from(1 << 20),
         get("compression_ratio{nid=\"1\"}"),
     );
+    let gauge = "mm_server_standing_verdict{nid=\"1\"}";
+    let mode = srv.get(gauge)?;
+    println!(
+        "demo: {}",
+        if mode == 1.0 {
+            "mm-server left node 1 a standing verdict: the kernel promotes written pages itself"
+        } else {
+            "mm-server asks to be asked about every write fault now (a fast node is short)"
+        }
+    );
     let wf0 = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")?;
     let (fenced0, standing0) = (stat("write_faults")?, stat("standing_verdicts")?);
     let t = Instant::now();
@@ -1250,6 +1260,9 @@ pub fn demo() -> Result<()> {
     }
     ensure(fenced > 0 && standing + wf as u64 > 0, || {
         "demo: no write was fenced and decided".into()
+    })?;
+    ensure(mode == 0.0 || standing > 0, || {
+        "demo: a standing verdict was left, and no write fault was decided by it".into()
     })?;
     let log = srv.stop()?;
     ensure(log.contains("detached"), || {

@@ -26,17 +26,22 @@ fn geometry() -> Geometry {
     }
 }
 
-/// A core whose first RESYNC found the node empty, past the new server's
-/// grace: serving, with the kernel holding whatever credit it set.
-fn serving() -> (Core, u64) {
+/// A new core managing node 1 with `policy`.
+fn core(policy: PolicyConfig) -> Core {
     let cfg = CoreConfig {
-        policy: PolicyConfig::default(),
+        policy,
         hot_window_ns: S,
         drain_timeout_ns: 10 * S,
         detach_on_stop: true,
     };
     let account = NodeAccount::new(geometry(), START, PAGES).unwrap();
-    let mut c = Core::new(cfg, vec![(1, account)], 0).unwrap();
+    Core::new(cfg, vec![(1, account)], 0).unwrap()
+}
+
+/// A core whose first RESYNC found the node empty, past the new server's
+/// grace: serving, with the kernel holding whatever credit it set.
+fn serving() -> (Core, u64) {
+    let mut c = core(PolicyConfig::default());
     let mut now = 0;
     while now < 2 * RETIRE_GRACE_NS {
         now += TICK_NS;
@@ -387,14 +392,7 @@ fn a_standing_verdict_stands_while_the_write_fault_answer_is_fixed() {
 
 #[test]
 fn a_kernel_without_set_standing_is_asked_every_fault() {
-    let cfg = CoreConfig {
-        policy: PolicyConfig::default(),
-        hot_window_ns: S,
-        drain_timeout_ns: 10 * S,
-        detach_on_stop: true,
-    };
-    let account = NodeAccount::new(geometry(), START, PAGES).unwrap();
-    let mut c = Core::new(cfg, vec![(1, account)], 0).unwrap();
+    let mut c = core(PolicyConfig::default());
     let mut sent = Vec::new();
     let mut now = 0;
     for _ in 0..20 {
@@ -412,17 +410,10 @@ fn a_kernel_without_set_standing_is_asked_every_fault() {
 
 #[test]
 fn standing_verdicts_can_be_turned_off() {
-    let cfg = CoreConfig {
-        policy: PolicyConfig {
-            standing_verdicts: false,
-            ..PolicyConfig::default()
-        },
-        hot_window_ns: S,
-        drain_timeout_ns: 10 * S,
-        detach_on_stop: true,
-    };
-    let account = NodeAccount::new(geometry(), START, PAGES).unwrap();
-    let mut c = Core::new(cfg, vec![(1, account)], 0).unwrap();
+    let mut c = core(PolicyConfig {
+        standing_verdicts: false,
+        ..PolicyConfig::default()
+    });
     let mut now = 0;
     for _ in 0..10 {
         now += TICK_NS;

@@ -381,6 +381,23 @@ pub fn e2e() -> Result<()> {
         ))
     };
     let failed0 = failed_promotions()?;
+    // What else moves node-1 folios while the workload faults: a kernel
+    // worker promotes the folio of a NUMA hint fault after mm-server's
+    // HINT_FAULT verdict, while the task goes on and may take a write fault
+    // on the same folio; compaction inside the node (PLACED, reason
+    // MIGRATION) and mm-server's evictions.  Each can hold a folio that a
+    // write fault promotes.  Promotions that were not write faults' are
+    // the promotions beyond the fenced write faults.
+    let movers = || -> Result<(u64, u64, u64, u64, u64)> {
+        Ok((
+            srv.node1("promoted_pages_total")?,
+            stat("write_faults")?,
+            srv.node1("placed_other_pages_total")?,
+            srv.node1("evictions_total")?,
+            srv.node1("evictions_failed_total")?,
+        ))
+    };
+    let movers0 = movers()?;
     let node0_mib = node_mib(0, "MemTotal")?;
     let len = (node0_mib as usize * 3 / 2) << 20;
     println!(
@@ -492,12 +509,35 @@ pub fn e2e() -> Result<()> {
     agree(&srv, "after the workload exited", Books::MayResync)?;
     lost.phase(&format!("exit ({exiting} pages on node 1 freed)"))?;
     let failed = failed_promotions()?;
-    ensure(failed == failed0, || {
+    let m = movers()?;
+    let (promoted, faults) = (m.0 - movers0.0, m.1 - movers0.1);
+    let (others, moved, evicted, refused) = (
+        promoted.saturating_sub(faults),
+        m.2 - movers0.2,
+        m.3 - movers0.3,
+        m.4 - movers0.4,
+    );
+    let movers_n = others + moved + evicted + refused;
+    let (failed_n, copied_n) = (failed.0 - failed0.0, failed.1 - failed0.1);
+    println!(
+        "server-e2e: before the storm: {promoted} pages promoted for {faults} fenced write faults \
+         (so at least {others} by NUMA hint faults, from a kernel worker), {moved} placed by \
+         migration inside node 1, {evicted} evicted, {refused} evictions refused; \
+         promote_failed +{failed_n}, copied_after_failed_promotion +{copied_n}"
+    );
+    // A promotion fails when another mover holds the folio at that moment
+    // (a hint-fault promotion from a worker, compaction, an eviction, a
+    // per-CPU LRU batch); the fault then copies the page, the designed
+    // fallback, and the data and books were checked above.  Seen once in
+    // 80,922 write faults of a CI run, with 1,214 hint-fault promotions.
+    // Such failures are rare: at most one per thousand fenced write
+    // faults.  A kernel whose promotions fail on their own (a reference
+    // leaked, a folio never isolatable) fails most of them.
+    ensure(failed_n <= faults / 1000, || {
         format!(
-            "promotions failed before the storm: promote_failed +{}, \
-             copied_after_failed_promotion +{}",
-            failed.0 - failed0.0,
-            failed.1 - failed0.1
+            "promote_failed +{failed_n} for {faults} fenced write faults before the storm (at \
+             most one per thousand may race another mover; {movers_n} movers seen): promotions \
+             fail on their own"
         )
     })?;
     storm()?;

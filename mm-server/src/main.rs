@@ -4,8 +4,9 @@
 //! nodes and serves their upcalls until SIGINT/SIGTERM (SIGHUP is ignored);
 //! `--check-config` validates the configuration against this system;
 //! `mm-server metrics` prints the running server's metrics (Prometheus
-//! text) from its admin socket.  Logs go to stderr, filtered by
-//! `MM_SERVER_LOG` (or `RUST_LOG`), `info` by default.
+//! text) from its admin socket; `mm-server man` prints its man page.  Logs
+//! go to stderr, filtered by `MM_SERVER_LOG` (or `RUST_LOG`), `info` by
+//! default.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Print the man page, mm-server(8), in roff on stdout.
+    Man,
 }
 
 fn init_logging() {
@@ -114,6 +117,14 @@ fn serve(cfg: &Config) -> Result<()> {
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    if let Some(Cmd::Man) = &cli.cmd {
+        use clap::CommandFactory as _;
+        clap_mangen::Man::new(Cli::command())
+            .section("8")
+            .render(&mut std::io::stdout())
+            .context("cannot write the man page")?;
+        return Ok(());
+    }
     if let Some(Cmd::Metrics { socket }) = &cli.cmd {
         let path = match socket {
             Some(p) => p.clone(),

@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 
 mod kernel;
+mod package;
 mod selftests;
 mod util;
 mod vm;
@@ -37,7 +38,7 @@ use crate::vm::{Outcome, Vm};
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
 
 const USAGE: &str = "usage: cargo xtask <test|demo [--debug]|vm [--debug] <scenario>...|kernel [--debug]|\
-                     checkpatch|series [--objects]|fuzz [seconds]|bench <name>|\
+                     checkpatch|series [--objects]|package|fuzz [seconds]|bench <name>|\
                      sim --seeds N [--from S] [--steps K]|sim --seed S [--trace]|\
                      selftests [--mode control|managed|both] [--repeat N] [--list] [test...]>";
 
@@ -65,6 +66,7 @@ fn main() {
         Some("fuzz") => cmd_fuzz(args.get(1).map(String::as_str)),
         Some("bench") => cmd_bench(&args[1..]),
         Some("sim") => cmd_sim(&args[1..]),
+        Some("package") => package::cmd(),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -139,6 +141,10 @@ fn build_c_example(dir: &std::path::Path) -> Result<()> {
             .env("PKG_CONFIG_PATH", &pc_dir),
     )
     .context("pkg-config --cflags --libs mmclient")?;
+    // The library's SONAME, which the example is linked against.
+    let soname = dir.join("libmmclient.so.0");
+    let _ = std::fs::remove_file(&soname);
+    std::os::unix::fs::symlink("libmmclient.so", &soname)?;
     let mut cc = Command::new("cc");
     cc.args(["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2", "-o"])
         .arg(dir.join("mm-hints"))
@@ -170,6 +176,10 @@ fn run_scenarios_on(flavor: kernel::Flavor, names: Option<&[String]>) -> Result<
         if !known.contains(n) {
             bail!("unknown scenario `{n}` (known: {})", known.join(", "));
         }
+    }
+    if names.iter().any(|n| n == "service") {
+        // `service` runs mm-server from the package's tree.
+        package::build().context("the packages `service` runs")?;
     }
     let kernel = kernel::ensure_flavor(flavor)?;
     let selftest = kernel::build_selftest(&kernel.tree)?;
@@ -569,6 +579,9 @@ fn cmd_test() -> Result<()> {
     pass += p;
     fail += f;
     let (p, f) = fuzz_smoke();
+    pass += p;
+    fail += f;
+    let (p, f) = package::check();
     pass += p;
     fail += f;
     println!("==> kernel patches (checkpatch.pl --strict)");

@@ -178,7 +178,7 @@ pub fn client_auth() -> Result<()> {
 /// Advise `Cold` until `pages` have moved in all, as a client should when
 /// the server has no room yet (its credit promised to the kernel, or an
 /// eviction running): at most 10 tries, 1 s apart.  Returns the sum.
-fn until_moved(
+pub fn until_moved(
     pages: u64,
     mut advise: impl FnMut() -> std::result::Result<mm_upcall_client::Advised, Error>,
 ) -> Result<mm_upcall_client::Advised> {

@@ -21,6 +21,7 @@ mod node;
 mod selftest_list;
 mod selftests;
 mod server;
+mod service;
 mod sys;
 mod topology;
 mod upcall;
@@ -54,6 +55,7 @@ pub const SCENARIOS: &[&str] = &[
     "client-auth",
     "doctor",
     "drain",
+    "service",
 ];
 
 fn run(scenario: &str) -> Result<()> {
@@ -83,6 +85,7 @@ fn run(scenario: &str) -> Result<()> {
         "client-auth" => clients::client_auth(),
         "doctor" => clients::doctor(),
         "drain" => clients::drain(),
+        "service" => service::service(),
         // Benchmarks (`xtask bench <name>`), not part of the test list.
         "bench-upcall" => bench::upcall(),
         "bench-fault" => bench::fault(),
@@ -229,6 +232,15 @@ fn main() {
         let args: Vec<String> = std::env::args().skip(2).collect();
         if let Err(e) = clients::helper(&args) {
             println!("mm-guest: client helper {args:?}: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if scenario == "--service-helper" {
+        // The clients of `service`.
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        if let Err(e) = service::helper(&args) {
+            println!("mm-guest: service helper {args:?}: {e:#}");
             std::process::exit(1);
         }
         return;

@@ -59,7 +59,6 @@ impl MmServer {
         let cfg = dir.join(format!("{name}.toml"));
         let sock = dir.join(format!("{name}.sock"));
         let client_sock = dir.join(format!("{name}-client.sock"));
-        let notify = dir.join(format!("{name}.notify"));
         std::fs::write(
             &cfg,
             format!(
@@ -71,19 +70,33 @@ impl MmServer {
                 DRAIN_TIMEOUT_S * 1000
             ),
         )?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c").arg(&cfg);
+        Self::launch(name, cmd, sock, client_sock)
+    }
+
+    /// Run `cmd` (an mm-server command line) as systemd runs a
+    /// `Type=notify` service, and wait until it reports READY=1; `sock`
+    /// and `client_sock` are the sockets its configuration names.
+    pub fn launch(
+        name: &str,
+        mut cmd: Command,
+        sock: PathBuf,
+        client_sock: PathBuf,
+    ) -> Result<Self> {
+        let notify = PathBuf::from(format!("/tmp/{name}.notify"));
         let _ = std::fs::remove_file(&notify);
         let ready = UnixDatagram::bind(&notify).context("bind NOTIFY_SOCKET")?;
         ready.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let mut child = Command::new(&bin)
-            .arg("-c")
-            .arg(&cfg)
+        let bin = cmd.get_program().to_owned();
+        let mut child = cmd
             .env("NOTIFY_SOCKET", &notify)
             .env("MM_SERVER_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
+            .with_context(|| format!("spawn {}", bin.to_string_lossy()))?;
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().context("mm-server stderr")?;
         let (tag, sink) = (name.to_string(), Arc::clone(&log));

@@ -20,6 +20,7 @@
 
 mod kernel;
 mod package;
+mod report;
 mod selftests;
 mod util;
 mod vm;
@@ -342,7 +343,11 @@ fn cmd_demo(flavor: kernel::Flavor) -> Result<()> {
         println!("  {l}");
     }
     match outcome {
-        Outcome::Pass => Ok(()),
+        Outcome::Pass => {
+            let report = report::write(&console, &target_dir().join("demo"))?;
+            println!("demo: report with charts: {}", report.display());
+            Ok(())
+        }
         Outcome::Fail(why) => bail!("demo failed: {why}"),
     }
 }

@@ -146,6 +146,11 @@ impl MmServer {
             .with_context(|| format!("no {key} in mm-server's /proc status"))
     }
 
+    /// Its admin socket.
+    pub fn admin_socket(&self) -> &std::path::Path {
+        &self.sock
+    }
+
     pub fn metrics(&self) -> Result<String> {
         Ok(AdminClient::connect(&self.sock)?.metrics()?)
     }
@@ -1230,6 +1235,8 @@ pub fn demo() -> Result<()> {
         "demo: mm-server manages node 1 as a compressed device of {cap_mib} MiB \
          (half its size); watermarks 60/80/95 %"
     );
+    let sampler = Sampler::start(srv.admin_socket())?;
+    sampler.phase("reclaim");
     let cg = Cgroup::enter("mm-guest-demo")?;
     let mut mem = Anon::new(LEN)?;
     sys::madvise(&mem, libc::MADV_NOHUGEPAGE)?;
@@ -1245,6 +1252,8 @@ pub fn demo() -> Result<()> {
     println!("demo: memory.reclaim of 64 MiB: {n1} pages demoted to node 1, {n0} left on node 0");
     let resident = agree(&srv, "books vs kernel", Books::MayResync)?;
     srv.measured()?;
+    sampler.phase("measured");
+    report_sizes(&srv, &mem)?;
     let m = srv.metrics()?;
     let get = |k: &str| metrics::sample(&m, &format!("mm_server_{k}")).unwrap_or(f64::NAN);
     println!(
@@ -1268,6 +1277,7 @@ pub fn demo() -> Result<()> {
     let wf0 = srv.get("mm_server_upcalls_total{kind=\"write_fault\"}")?;
     let (fenced0, standing0) = (stat("write_faults")?, stat("standing_verdicts")?);
     let t = Instant::now();
+    sampler.phase("rewrite");
     let (text, random) = mem.as_mut_slice().split_at_mut(LEN / 2);
     fill(text, 0xe0, Content::Compressible);
     fill(random, 0xe1, Content::Random);
@@ -1317,10 +1327,94 @@ pub fn demo() -> Result<()> {
     ensure(mode == 0.0 || standing > 0, || {
         "demo: a standing verdict was left, and no write fault was decided by it".into()
     })?;
+    drop(mem);
+    sampler.phase("exit");
+    std::thread::sleep(Duration::from_millis(500));
+    sampler.phase("SIGTERM");
     let log = srv.stop()?;
+    sampler.stop();
     ensure(log.contains("detached"), || {
         "demo: the drain did not detach node 1".into()
     })?;
     println!("demo: SIGTERM: mm-server evicted what was left on node 1, detached it and exited 0");
+    Ok(())
+}
+
+/// The demo's time series for the report (`xtask demo` draws it from the
+/// `report:` lines): every 100 ms, mm-server's pages and device bytes on
+/// node 1 and the kernel's fenced write faults; and the phases.
+struct Sampler {
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(admin: &std::path::Path) -> Result<Self> {
+        let start = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (admin, done) = (admin.to_path_buf(), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                // A sample the server cannot give (it is stopping) is
+                // skipped: the chart has a gap, nothing more.
+                if let Ok(m) = AdminClient::connect(&admin).and_then(|mut a| a.metrics()) {
+                    let get = |k: &str| metrics::sample(&m, k).unwrap_or(f64::NAN);
+                    println!(
+                        "report: sample {} {} {} {} {} {}",
+                        start.elapsed().as_millis(),
+                        get("mm_server_resident_pages{nid=\"1\"}"),
+                        get("mm_server_physical_used_bytes{nid=\"1\"}"),
+                        stat("write_faults").unwrap_or_default(),
+                        stat("standing_verdicts").unwrap_or_default(),
+                        get("mm_server_upcalls_total{kind=\"write_fault\"}"),
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Ok(Self {
+            start,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn phase(&self, name: &str) {
+        println!("report: phase {} {name}", self.start.elapsed().as_millis());
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Each page's measured size, from the client socket's residency query,
+/// for the report: `report: size <half> <bytes> <pages>`.
+fn report_sizes(srv: &MmServer, mem: &Anon) -> Result<()> {
+    let len = mem.as_slice().len();
+    let mut c = mm_upcall_client::Client::connect_to(&srv.client_sock)?;
+    let pages = c.residency(mem.addr(), len)?;
+    for (half, range) in [
+        ("text", 0..pages.len() / 2),
+        ("random", pages.len() / 2..pages.len()),
+    ] {
+        let mut sizes = std::collections::BTreeMap::<u32, u64>::new();
+        for p in &pages[range] {
+            if let mm_upcall_client::Page::Resident {
+                node: 1,
+                compressed: Some(b),
+            } = p
+            {
+                *sizes.entry(*b).or_default() += 1;
+            }
+        }
+        for (bytes, n) in sizes {
+            println!("report: size {half} {bytes} {n}");
+        }
+    }
     Ok(())
 }

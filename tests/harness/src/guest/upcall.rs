@@ -578,6 +578,13 @@ pub fn demo() -> Result<()> {
         r.total_ns as f64 / r.answered.max(1) as f64 / 1e3,
         r.quantile_ns(990) as f64 / 1e3
     );
+    // For the report's chart (`xtask demo` reads the `report:` lines).
+    for (b, &c) in r.hist.iter().enumerate().filter(|&(_, &c)| c > 0) {
+        println!(
+            "report: ping {} {c}",
+            mm_upcall_kernel::proto::raw::ping::hist_lower_bound(b)
+        );
+    }
     let out = t.control_sync(Control::AttachNode {
         nid: 1,
         credit_pages: 0,

@@ -44,8 +44,15 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// # Errors
 ///
 /// The thread could not be started.
-pub fn spawn(listener: UnixListener, snapshot: Published, core: CoreHandle) -> io::Result<()> {
-    spawn_for(listener, snapshot, 0, Some(core))
+pub fn spawn(
+    listener: UnixListener,
+    snapshot: Published,
+    core: CoreHandle,
+    tenants: crate::tenants::Published,
+) -> io::Result<()> {
+    serve::spawn(listener, "admin", MAX_CLIENTS, move |s, waiting| {
+        client(s, &snapshot, 0, Some(&core), Some(&tenants), waiting)
+    })
 }
 
 /// As [`spawn`], for clients of uid `allowed_uid` (root: 0).  Tests give
@@ -62,7 +69,7 @@ pub fn spawn_for(
     core: Option<CoreHandle>,
 ) -> io::Result<()> {
     serve::spawn(listener, "admin", MAX_CLIENTS, move |s, waiting| {
-        client(s, &snapshot, allowed_uid, core.as_ref(), waiting)
+        client(s, &snapshot, allowed_uid, core.as_ref(), None, waiting)
     })
 }
 
@@ -187,6 +194,7 @@ fn client(
     snap: &Mutex<Arc<Snapshot>>,
     allowed_uid: u32,
     core: Option<&CoreHandle>,
+    tenants: Option<&crate::tenants::Published>,
     waiting: &dyn Fn(bool),
 ) -> io::Result<()> {
     if crate::sys::peer_uid(s)? != allowed_uid {
@@ -199,7 +207,10 @@ fn client(
                 send(s, Frame::StatsReply(st))?;
             }
             Frame::Metrics => {
-                let text = lock(snap).render();
+                let mut text = lock(snap).render();
+                if let Some(t) = tenants {
+                    text.push_str(&t.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                }
                 s.write_all(&metrics_frame(&text))?;
             }
             // Application advice goes to the client socket.

@@ -99,6 +99,16 @@ impl Geometry {
     }
 }
 
+/// A resident page and what it costs: [`Account::costed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Costed {
+    pub pfn: u64,
+    /// Device bytes: measured, or the worst case before measurement.
+    pub bytes: u32,
+    /// Seconds since it arrived (up to [`MAX_AGE_S`]).
+    pub age_s: u32,
+}
+
 /// The compressed size of a page as the device would store it: 0 for an
 /// all-zero page, else the LZ4 block size rounded up to the granule.
 pub fn measure(geometry: &Geometry, page: &[u8]) -> u32 {
@@ -863,6 +873,45 @@ impl NodeAccount {
         v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         v.truncate(max);
         v.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Resident pages from `from_pfn` on, whole blocks at a time, until
+    /// at least `max` are collected: each page's pfn, what it costs on the
+    /// device (its measured size, or the worst case before it is measured)
+    /// and its age in seconds (up to [`MAX_AGE_S`]), in pfn order; and the
+    /// pfn to go on from (`None`: the node's end).  Bounded work per call,
+    /// so a caller can walk a large node without pausing the loop long.
+    pub fn costed(&self, from_pfn: u64, max: usize) -> (Vec<Costed>, Option<u64>) {
+        let worst = self.geometry.worst_case();
+        let first = from_pfn.saturating_sub(self.start_pfn) as usize;
+        let mut v = Vec::new();
+        let mut k = first / BLOCK_PAGES;
+        while k < self.blocks.len() {
+            if self.blocks[k].resident > 0 {
+                let end = ((k + 1) * BLOCK_PAGES).min(self.pages.len());
+                for j in (k * BLOCK_PAGES).max(first)..end {
+                    let m = self.pages[j];
+                    if m.state() == PageState::Empty {
+                        continue;
+                    }
+                    v.push(Costed {
+                        pfn: self.start_pfn + j as u64,
+                        bytes: if m.state() == PageState::Measured {
+                            m.granules() * self.geometry.granule
+                        } else {
+                            worst
+                        },
+                        age_s: self.age_of(m).min(MAX_AGE_S),
+                    });
+                }
+            }
+            k += 1;
+            if v.len() >= max {
+                break;
+            }
+        }
+        let next = (k < self.blocks.len()).then(|| self.start_pfn + (k * BLOCK_PAGES) as u64);
+        (v, next)
     }
 
     /// Heat of `pfn` (0 outside the node).

@@ -27,6 +27,10 @@
 //! capacity_mib = 512          # physical capacity of the device
 //! granule = 64                # device allocation granule, bytes
 //! watermarks = { low = 60, high = 80, critical = 95 }   # percent
+//!
+//! [[tenant]]                  # a cgroup whose share of the device is capped
+//! cgroup = "/sys/fs/cgroup/batch"   # the tenant: this cgroup and its descendants
+//! max_mib = 64                # device space its pages may cost, all nodes together
 //! ```
 //!
 //! Unknown keys are errors (`deny_unknown_fields`), so a typo never
@@ -100,6 +104,19 @@ pub enum ConfigError {
     MissingDevice { path: PathBuf },
     #[error("{path} is not a character device; set server.device to /dev/mm_upcall")]
     NotADevice { path: PathBuf },
+    #[error(
+        "[[tenant]] #{index}: cgroup {path} must be an absolute path under the cgroup2 mount \
+         (/sys/fs/cgroup/...)"
+    )]
+    TenantPath { index: usize, path: PathBuf },
+    #[error("[[tenant]] #{index}: max_mib must be at least 1")]
+    TenantLimit { index: usize },
+    #[error("[[tenant]] {path} is configured twice")]
+    DuplicateTenant { path: PathBuf },
+    #[error(
+        "[[tenant]] {path} is not a cgroup directory; create it (mkdir) before the server starts"
+    )]
+    MissingTenant { path: PathBuf },
 }
 
 fn default_device() -> PathBuf {
@@ -283,6 +300,31 @@ impl NodeSection {
     }
 }
 
+/// A tenant: a cgroup (and its descendants) whose pages may cost at most
+/// `max_mib` of device space on the managed nodes together.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSection {
+    pub cgroup: PathBuf,
+    pub max_mib: u64,
+}
+
+impl TenantSection {
+    /// Its name in metrics and logs: the cgroup's path below the cgroup2
+    /// mount (`batch/job1`).
+    pub fn name(&self) -> String {
+        let p = self.cgroup.to_string_lossy();
+        p.strip_prefix(CGROUP_ROOT)
+            .map(|r| r.trim_start_matches('/'))
+            .filter(|r| !r.is_empty())
+            .unwrap_or(&p)
+            .to_string()
+    }
+}
+
+/// Where cgroup v2 is mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -293,6 +335,8 @@ pub struct Config {
     pub policy: PolicySection,
     #[serde(default)]
     pub node: Vec<NodeSection>,
+    #[serde(default)]
+    pub tenant: Vec<TenantSection>,
 }
 
 impl Config {
@@ -366,6 +410,24 @@ impl Config {
                 return Err(ConfigError::FastNodeManaged { nid: n.nid });
             }
         }
+        for (index, t) in self.tenant.iter().enumerate() {
+            let p = &t.cgroup;
+            if !p.starts_with(CGROUP_ROOT)
+                || p.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(ConfigError::TenantPath {
+                    index,
+                    path: p.clone(),
+                });
+            }
+            if t.max_mib == 0 {
+                return Err(ConfigError::TenantLimit { index });
+            }
+            if self.tenant[..index].iter().any(|u| u.cgroup == *p) {
+                return Err(ConfigError::DuplicateTenant { path: p.clone() });
+            }
+        }
         Ok(())
     }
 
@@ -402,6 +464,13 @@ impl Config {
                 path: sock.clone(),
                 dir: dir.to_path_buf(),
             });
+        }
+        for t in &self.tenant {
+            if !t.cgroup.join("cgroup.procs").exists() {
+                return Err(ConfigError::MissingTenant {
+                    path: t.cgroup.clone(),
+                });
+            }
         }
         let dev = &self.server.device;
         match std::fs::metadata(dev) {

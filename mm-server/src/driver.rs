@@ -88,6 +88,12 @@ enum Request {
         pfns: Vec<u64>,
         reply: mpsc::SyncSender<Result<(), NodeRefused>>,
     },
+    Costed {
+        nid: u16,
+        from_pfn: u64,
+        max: usize,
+        reply: mpsc::SyncSender<(Vec<crate::capacity::Costed>, Option<u64>)>,
+    },
     PolicyGet {
         nid: u16,
         reply: mpsc::SyncSender<Result<RuntimePolicy, NodeRefused>>,
@@ -170,6 +176,14 @@ fn answer(core: &mut Core, r: Request, now: u64) {
         Request::Evict { nid, pfns, reply } => {
             let _ = reply.send(core.evict_queued(nid, pfns, now));
         }
+        Request::Costed {
+            nid,
+            from_pfn,
+            max,
+            reply,
+        } => {
+            let _ = reply.send(core.costed_pages(nid, from_pfn, max));
+        }
         Request::PolicyGet { nid, reply } => {
             let _ = reply.send(core.policy_get(nid));
         }
@@ -248,6 +262,28 @@ impl CoreHandle {
         self.send(Request::Aged {
             nid,
             min_age_s,
+            max,
+            reply,
+        })?;
+        Self::wait(&rx)
+    }
+
+    /// About `max` resident pages of node `nid` from `from_pfn` on, with
+    /// their cost and age, and where to go on ([`Core::costed_pages`]).
+    ///
+    /// # Errors
+    ///
+    /// The loop is stopping or did not answer in time.
+    pub fn costed(
+        &self,
+        nid: u16,
+        from_pfn: u64,
+        max: usize,
+    ) -> std::io::Result<(Vec<crate::capacity::Costed>, Option<u64>)> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Request::Costed {
+            nid,
+            from_pfn,
             max,
             reply,
         })?;

@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod policy;
 pub mod serve;
 pub mod sys;
+pub mod tenants;
 
 pub use mm_upcall_proto as proto;

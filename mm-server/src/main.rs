@@ -87,8 +87,20 @@ fn serve(cfg: &Config) -> Result<()> {
         "mlockall: the memory manager must not be paged out; run as root (CAP_IPC_LOCK) \
          or raise RLIMIT_MEMLOCK",
     )?;
-    admin::spawn(listener, snapshot, driver.handle())
-        .context("cannot start the admin socket thread")?;
+    let tenant_metrics = mm_server::tenants::Published::default();
+    admin::spawn(
+        listener,
+        snapshot,
+        driver.handle(),
+        std::sync::Arc::clone(&tenant_metrics),
+    )
+    .context("cannot start the admin socket thread")?;
+    mm_server::tenants::spawn(
+        cfg.tenant.iter().map(Into::into).collect(),
+        driver.handle(),
+        tenant_metrics,
+    )
+    .context("cannot start the tenant limits thread")?;
     let sock = &cfg.server.client_socket;
     if let Some(dir) = sock.parent()
         && !dir.as_os_str().is_empty()

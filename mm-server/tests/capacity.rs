@@ -421,3 +421,35 @@ fn eviction_goes_on_from_high_down_to_low() {
     }
     assert!(!acct.above_low());
 }
+
+#[test]
+fn costed_walks_the_node_a_block_at_a_time_with_each_pages_cost() {
+    use mm_server::capacity::BLOCK_PAGES;
+    let g = geometry(1 << 20);
+    let pages = 3 * BLOCK_PAGES;
+    let mut acct = NodeAccount::new(g, START, pages).unwrap();
+    // One page in the first block (measured), none in the second, two in
+    // the third (one not measured yet).
+    let third = START + 2 * BLOCK_PAGES as u64;
+    for pfn in [START + 5, third, third + 1] {
+        acct.placed(pfn, 0, false).unwrap();
+    }
+    acct.measured(START + 5, 100).unwrap();
+    let (first, next) = acct.costed(START, 1);
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].pfn, first[0].bytes), (START + 5, 128));
+    assert_eq!(next, Some(START + BLOCK_PAGES as u64));
+    let (rest, end) = acct.costed(next.unwrap(), 1);
+    assert_eq!(
+        rest.iter().map(|c| c.pfn).collect::<Vec<_>>(),
+        [third, third + 1]
+    );
+    assert_eq!(
+        rest[1].bytes,
+        g.worst_case(),
+        "an unmeasured page costs the worst case"
+    );
+    assert_eq!(end, None);
+    // From the middle of a block: only what lies from there on.
+    assert_eq!(acct.costed(third + 1, 10).0.len(), 1);
+}

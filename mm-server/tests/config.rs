@@ -200,3 +200,41 @@ fn the_example_config_is_valid() {
     assert_eq!(cfg.node[0].nid, 1);
     assert_eq!(cfg.policy().writable_budget, 0);
 }
+
+#[test]
+fn tenants_are_checked_and_each_error_says_what_to_fix() {
+    let tenant = |body: &str| format!("{GOOD}\n[[tenant]]\n{body}\n");
+    fails_with(
+        "tenant-path",
+        &tenant("cgroup = \"/tmp/batch\"\nmax_mib = 8"),
+        "must be an absolute path under the cgroup2 mount",
+    );
+    fails_with(
+        "tenant-dotdot",
+        &tenant("cgroup = \"/sys/fs/cgroup/../../etc\"\nmax_mib = 8"),
+        "must be an absolute path under the cgroup2 mount",
+    );
+    fails_with(
+        "tenant-zero",
+        &tenant("cgroup = \"/sys/fs/cgroup/batch\"\nmax_mib = 0"),
+        "max_mib must be at least 1",
+    );
+    fails_with(
+        "tenant-twice",
+        &format!(
+            "{}\n[[tenant]]\ncgroup = \"/sys/fs/cgroup/batch\"\nmax_mib = 9\n",
+            tenant("cgroup = \"/sys/fs/cgroup/batch\"\nmax_mib = 8")
+        ),
+        "/sys/fs/cgroup/batch is configured twice",
+    );
+    fails_with(
+        "tenant-missing",
+        &tenant("cgroup = \"/sys/fs/cgroup/mm-server-no-such-tenant\"\nmax_mib = 8"),
+        "is not a cgroup directory; create it (mkdir)",
+    );
+    fails_with(
+        "tenant-typo",
+        &tenant("cgroup = \"/sys/fs/cgroup/batch\"\nmax_mb = 8"),
+        "max_mb",
+    );
+}

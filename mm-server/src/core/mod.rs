@@ -589,6 +589,21 @@ impl Core {
             .unwrap_or_default()
     }
 
+    /// Resident pages of node `nid` from `from_pfn` on, with their cost
+    /// and age, about `max` of them, and where to go on
+    /// ([`crate::capacity::NodeAccount::costed`]); nothing for a node not
+    /// managed here.
+    pub fn costed_pages(
+        &self,
+        nid: u16,
+        from_pfn: u64,
+        max: usize,
+    ) -> (Vec<crate::capacity::Costed>, Option<u64>) {
+        self.node_index(nid)
+            .map(|i| self.nodes[i].account.costed(from_pfn, max))
+            .unwrap_or_default()
+    }
+
     /// Queue `pfns` of node `nid` for eviction (PROMOTE_PFN to the fast
     /// node), submitted as eviction slots free up.
     ///

@@ -684,3 +684,100 @@ pub fn standing_by_default() -> Result<()> {
     srv.stop()?;
     Ok(())
 }
+
+/// `tenant-limit`: a `[[tenant]]` over its `max_mib` has its oldest pages
+/// evicted until its pages cost less than the limit on the device; a
+/// tenant within its limit keeps all of its pages there; data intact and
+/// books exact.
+pub fn tenant_limit() -> Result<()> {
+    const MIB: usize = 1 << 20;
+    const LIMIT_MIB: usize = 4;
+    let a = Cgroup::enter("tenant-a")?;
+    a.leave()?;
+    let b = Cgroup::enter("tenant-b")?;
+    b.leave()?;
+    let srv = MmServer::start(
+        "tenant-limit",
+        256,
+        &format!(
+            "\n[[tenant]]\ncgroup = \"/sys/fs/cgroup/tenant-a\"\nmax_mib = {LIMIT_MIB}\n\n\
+             [[tenant]]\ncgroup = \"/sys/fs/cgroup/tenant-b\"\nmax_mib = 64\n"
+        ),
+    )?;
+    let metric = |name: &str, tenant: &str| -> Result<f64> {
+        srv.get(&format!("mm_server_{name}{{tenant=\"{tenant}\"}}"))
+    };
+    // Random pages: each costs a whole page and more on the device.
+    let demote = |cg: &Cgroup, seed: u64| -> Result<(Anon, usize)> {
+        cg.rejoin()?;
+        let mut mem = Anon::new(16 * MIB)?;
+        fill(mem.as_mut_slice(), seed, Content::Random);
+        cg.leave()?;
+        cg.reclaim(32 * MIB);
+        let on1 = crate::managed::where_are(&mem)?.1;
+        Ok((mem, on1))
+    };
+    let (mem_b, n_b) = demote(&b, 21)?;
+    let (mem_a, n_a) = demote(&a, 22)?;
+    println!(
+        "tenant-limit: reclaim demoted {n_a} pages of tenant-a (limit {LIMIT_MIB} MiB) and {n_b} \
+         of tenant-b (limit 64 MiB)"
+    );
+    ensure(n_a * PAGE_SIZE > LIMIT_MIB * MIB && n_b > 0, || {
+        format!(
+            "reclaim did not take tenant-a over its limit ({n_a} pages) or demoted no page of tenant-b"
+        )
+    })?;
+    // The tenants are looked at every second; evictions go through the
+    // server's queue.
+    let limit = (LIMIT_MIB * MIB) as f64;
+    let mut used = f64::NAN;
+    for _ in 0..60 {
+        used = metric("tenant_used_bytes", "tenant-a")?;
+        if used <= limit && metric("tenant_evicted_pages_total", "tenant-a")? > 0.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let on1_a = crate::managed::where_are(&mem_a)?.1;
+    let on1_b = crate::managed::where_are(&mem_b)?.1;
+    let (evicted_a, evicted_b) = (
+        metric("tenant_evicted_pages_total", "tenant-a")?,
+        metric("tenant_evicted_pages_total", "tenant-b")?,
+    );
+    println!(
+        "tenant-limit: tenant-a: {on1_a} pages left on node 1, costing {used} bytes (limit {}), \
+         {evicted_a} evicted, over its limit {} time(s); tenant-b: {on1_b} of {n_b} pages on node \
+         1, {evicted_b} evicted",
+        limit,
+        metric("tenant_over_limit_total", "tenant-a")?
+    );
+    ensure(
+        used <= limit && on1_a * PAGE_SIZE <= LIMIT_MIB * MIB,
+        || {
+            format!(
+                "tenant-a still costs {used} bytes ({on1_a} pages on node 1), over its {LIMIT_MIB} MiB"
+            )
+        },
+    )?;
+    ensure(evicted_a > 0.0 && on1_a < n_a, || {
+        "nothing of tenant-a was evicted".into()
+    })?;
+    ensure(on1_b == n_b && evicted_b == 0.0, || {
+        format!(
+            "tenant-b, within its limit, lost pages: {on1_b} of {n_b} left, {evicted_b} evicted"
+        )
+    })?;
+    ensure(
+        check(mem_a.as_slice(), 22, Content::Random).is_none()
+            && check(mem_b.as_slice(), 21, Content::Random).is_none(),
+        || "a tenant's data changed".into(),
+    )?;
+    println!("tenant-limit: both tenants' data intact");
+    let (books, truth) = srv.settle("after the tenant evictions")?;
+    ensure(books == truth, || {
+        format!("mm-server's books {books:?} differ from /proc/kpageflags {truth:?}")
+    })?;
+    srv.stop()?;
+    Ok(())
+}

@@ -55,6 +55,7 @@ pub const SCENARIOS: &[&str] = &[
     "client-auth",
     "doctor",
     "drain",
+    "tenant-limit",
     "service",
 ];
 
@@ -85,6 +86,7 @@ fn run(scenario: &str) -> Result<()> {
         "client-auth" => clients::client_auth(),
         "doctor" => clients::doctor(),
         "drain" => clients::drain(),
+        "tenant-limit" => clients::tenant_limit(),
         "service" => service::service(),
         // Benchmarks (`xtask bench <name>`), not part of the test list.
         "bench-upcall" => bench::upcall(),

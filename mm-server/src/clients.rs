@@ -407,8 +407,7 @@ impl Client<'_> {
                 .collect();
             // Never a locked page (KeepFast, or any mlock): reclaim keeps
             // them off the node, and so does the server, whoever asks.
-            let locked =
-                locked_pages(target, &present).map_err(|_| (-libc::ESRCH, ErrorCode::NotFound))?;
+            let locked = locked_pages(target, &present).map_err(|e| proc_error(target, &e))?;
             present
                 .into_iter()
                 .zip(locked)
@@ -540,7 +539,7 @@ impl Client<'_> {
                 continue;
             }
             let pfns = pfns_of(target, on.iter().map(|&i| addrs[i]))
-                .map_err(|_| (-libc::ESRCH, ErrorCode::NotFound))?;
+                .map_err(|e| proc_error(target, &e))?;
             let sizes = self
                 .core
                 .sizes(nid, pfns)
@@ -551,6 +550,23 @@ impl Client<'_> {
         }
         Ok(out)
     }
+}
+
+/// The answer when a process's `pagemap` (or `/proc/kpageflags`) cannot be
+/// read: the process is gone (`ESRCH`), or the server lacks what it needs
+/// to read it, which the client cannot fix (`EIO`, and the server says
+/// why in its log).
+fn proc_error(pid: u32, e: &io::Error) -> (i32, ErrorCode) {
+    if e.kind() == io::ErrorKind::NotFound {
+        return (-libc::ESRCH, ErrorCode::NotFound);
+    }
+    tracing::warn!(
+        pid,
+        "cannot read /proc/{pid}/pagemap or /proc/kpageflags: {e}; mm-server needs \
+         CAP_DAC_READ_SEARCH (to open another user's pagemap) and CAP_SYS_ADMIN (to see \
+         its pfns)"
+    );
+    (-libc::EIO, ErrorCode::Unsupported)
 }
 
 /// The pfn of each virtual address of process `pid` (0 where none), from

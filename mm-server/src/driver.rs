@@ -435,6 +435,8 @@ pub struct Driver {
     /// Control commands with the kernel: ring token to the core's id.
     tokens: HashMap<CtrlToken, CmdId>,
     stop: UnixStream,
+    /// SIGUSR2 came: leave the nodes managed at stop.
+    keep_nodes: Arc<std::sync::atomic::AtomicBool>,
     inbox: Inbox,
     handle: CoreHandle,
     /// The requests' socket polled readable.
@@ -453,7 +455,15 @@ impl Driver {
     ///
     /// Opening the device, attaching or mapping a node; each error says
     /// what to fix.
-    pub fn start(cfg: &Config, stop: UnixStream, published: Published) -> Result<Self> {
+    pub fn start(
+        cfg: &Config,
+        signals: crate::sys::StopSignals,
+        published: Published,
+    ) -> Result<Self> {
+        let crate::sys::StopSignals {
+            socket: stop,
+            keep_nodes,
+        } = signals;
         let mut t = open(cfg)?;
         let mut maps = Vec::new();
         let mut nodes = Vec::new();
@@ -503,6 +513,7 @@ impl Driver {
             maps,
             tokens: HashMap::new(),
             stop,
+            keep_nodes,
             inbox: Inbox { rx, wake: wake_r },
             handle,
             requests_waiting: false,
@@ -604,6 +615,9 @@ impl Driver {
                 match token {
                     STOP_TOKEN => {
                         let count = crate::sys::drain_signals(&self.stop);
+                        if self.keep_nodes.load(std::sync::atomic::Ordering::Relaxed) {
+                            self.core.keep_nodes_on_stop();
+                        }
                         let now = self.now();
                         self.core.signal(count.max(1), now);
                         self.t.watch(self.stop.as_fd(), STOP_TOKEN)?;

@@ -1,7 +1,9 @@
 //! `mm-server`: the mm-upcall memory manager daemon.
 //!
 //! `mm-server -c /etc/mm-server.toml` attaches the configured compressed
-//! nodes and serves their upcalls until SIGINT/SIGTERM (SIGHUP is ignored);
+//! nodes and serves their upcalls until SIGINT/SIGTERM, which drain and
+//! detach them, or SIGUSR2, which leaves them managed for the next server
+//! (SIGHUP is ignored);
 //! `--check-config` validates the configuration against this system;
 //! `mm-server metrics` prints the running server's metrics (Prometheus
 //! text) from its admin socket; `mm-server man` prints its man page.  Logs
@@ -72,7 +74,7 @@ impl Drop for RemoveOnDrop {
 }
 
 fn serve(cfg: &Config) -> Result<()> {
-    let stop = sys::stop_signals().context("cannot install the SIGINT/SIGTERM handlers")?;
+    let stop = sys::stop_signals().context("cannot install the SIGINT/SIGTERM/SIGUSR2 handlers")?;
     let listener = admin::bind(&cfg.server.admin_socket).with_context(|| {
         format!(
             "cannot create the admin socket {}",

@@ -9,11 +9,23 @@ use std::os::unix::net::{SocketAddr, UnixDatagram, UnixStream};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 
-/// Route SIGINT and SIGTERM to a socket: each signal writes one byte to
-/// the write end (async-signal-safe); the returned read end is what the
-/// event loop watches and [`drain_signals`] reads.  SIGHUP is ignored
+/// What the stop signals leave for the event loop.
+#[derive(Debug)]
+pub struct StopSignals {
+    /// The read end of the socket each stop signal writes a byte to.
+    pub socket: UnixStream,
+    /// Set by SIGUSR2: stop, but leave the nodes managed (fenced, with
+    /// their pages) for the next server, whatever `detach_on_stop` says;
+    /// what a restart wants (the unit's `RestartKillSignal`).
+    pub keep_nodes: Arc<AtomicBool>,
+}
+
+/// Route SIGINT, SIGTERM and SIGUSR2 to a socket: each signal writes one
+/// byte to the write end (async-signal-safe); the read end is what the
+/// event loop watches and [`drain_signals`] reads; SIGUSR2 also sets
+/// [`StopSignals::keep_nodes`] (before its byte).  SIGHUP is ignored
 /// (the server has no configuration to reload at run time, and a closed
 /// terminal must not stop a memory manager).
 ///
@@ -24,17 +36,23 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 /// # Errors
 ///
 /// Creating the socket pair or installing a handler.
-pub fn stop_signals() -> io::Result<UnixStream> {
+pub fn stop_signals() -> io::Result<StopSignals> {
     let (read, write) = UnixStream::pair()?;
     read.set_nonblocking(true)?;
     write.set_nonblocking(true)?;
-    for sig in [SIGINT, SIGTERM] {
+    let keep_nodes = Arc::new(AtomicBool::new(false));
+    // Handlers of one signal run in the order registered: the flag first.
+    signal_hook::flag::register(SIGUSR2, Arc::clone(&keep_nodes))?;
+    for sig in [SIGINT, SIGTERM, SIGUSR2] {
         signal_hook::low_level::pipe::register(sig, write.try_clone()?)?;
     }
     // A handler that only sets a flag nobody reads: SIGHUP's default
     // action (terminate) no longer applies.
     signal_hook::flag::register(SIGHUP, Arc::new(AtomicBool::new(false)))?;
-    Ok(read)
+    Ok(StopSignals {
+        socket: read,
+        keep_nodes,
+    })
 }
 
 /// Read every pending byte of the signal socket; returns how many signals

@@ -1,5 +1,6 @@
-//! The server's signal handling: SIGINT and SIGTERM each write a byte
-//! the event loop reads (and so start the drain); SIGHUP is ignored.
+//! The server's signal handling: SIGINT, SIGTERM and SIGUSR2 each write a
+//! byte the event loop reads (and so start the stop), SIGUSR2 after
+//! setting the flag that keeps the nodes managed; SIGHUP is ignored.
 //! (Each test binary is its own process; nextest runs each test in its
 //! own process too.)
 
@@ -17,7 +18,7 @@ fn raise(sig: i32) {
 
 #[test]
 fn sigterm_and_sigint_are_counted_and_sighup_is_ignored() {
-    let s = stop_signals().expect("handlers");
+    let s = stop_signals().expect("handlers").socket;
     raise(signal_hook::consts::SIGHUP);
     std::thread::sleep(Duration::from_millis(50));
     // Still here (SIGHUP's default would have ended the process), and no
@@ -27,4 +28,17 @@ fn sigterm_and_sigint_are_counted_and_sighup_is_ignored() {
     raise(signal_hook::consts::SIGINT);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(drain_signals(&s), 2, "one stop per SIGTERM/SIGINT");
+}
+
+#[test]
+fn sigusr2_stops_and_keeps_the_nodes() {
+    let s = stop_signals().expect("handlers");
+    assert!(!s.keep_nodes.load(std::sync::atomic::Ordering::Relaxed));
+    raise(signal_hook::consts::SIGUSR2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(drain_signals(&s.socket), 1, "SIGUSR2 stops the server");
+    assert!(
+        s.keep_nodes.load(std::sync::atomic::Ordering::Relaxed),
+        "SIGUSR2 keeps the nodes managed"
+    );
 }

@@ -1332,6 +1332,15 @@ impl Core {
         }
     }
 
+    /// Leave the nodes managed at stop, whatever the configuration says
+    /// (SIGUSR2: a restart, whose next server adopts them).  Before the
+    /// drain has begun only: a drain under way finishes as it started.
+    pub fn keep_nodes_on_stop(&mut self) {
+        if !matches!(self.phase, Phase::Draining { .. }) {
+            self.detach_on_stop = false;
+        }
+    }
+
     /// One step of the drain: evict what is left, show the node empty
     /// with a RESYNC, then detach (or leave the node managed).
     fn drain_step(&mut self, now: u64) {

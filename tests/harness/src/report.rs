@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
 const W: f64 = 720.0;
 const H: f64 = 300.0;
@@ -28,6 +28,8 @@ struct Data {
     /// (lower bound ns, count)
     ping: Vec<(u64, u64)>,
     lines: Vec<String>,
+    /// `report:` lines that could not be read.
+    skipped: usize,
 }
 
 fn parse(console: &str) -> Result<Data> {
@@ -46,22 +48,30 @@ fn parse(console: &str) -> Result<Data> {
                 .parse::<f64>()
                 .with_context(|| format!("report line {line:?}"))
         };
-        match w.first().copied() {
-            Some("sample") => {
-                d.samples
-                    .push([num(1)?, num(2)?, num(3)?, num(4)?, num(5)?, num(6)?])
+        // A line the console garbled (a kernel message in the middle) is
+        // skipped and counted, not fatal: the report is for reading.
+        let mut read_line = || -> Result<()> {
+            match w.first().copied() {
+                Some("sample") => {
+                    d.samples
+                        .push([num(1)?, num(2)?, num(3)?, num(4)?, num(5)?, num(6)?]);
+                }
+                Some("phase") => d.phases.push((num(1)?, w[2..].join(" "))),
+                Some("size") => {
+                    let half = w.get(1).context("size line")?.to_string();
+                    *d.sizes
+                        .entry(half)
+                        .or_default()
+                        .entry(num(2)? as u64)
+                        .or_default() += num(3)? as u64;
+                }
+                Some("ping") => d.ping.push((num(1)? as u64, num(2)? as u64)),
+                _ => bail!("unknown report line"),
             }
-            Some("phase") => d.phases.push((num(1)?, w[2..].join(" "))),
-            Some("size") => {
-                let half = w.get(1).context("size line")?.to_string();
-                *d.sizes
-                    .entry(half)
-                    .or_default()
-                    .entry(num(2)? as u64)
-                    .or_default() += num(3)? as u64;
-            }
-            Some("ping") => d.ping.push((num(1)? as u64, num(2)? as u64)),
-            _ => {}
+            Ok(())
+        };
+        if read_line().is_err() {
+            d.skipped += 1;
         }
     }
     ensure!(!d.samples.is_empty(), "the demo reported no samples");
@@ -174,7 +184,13 @@ fn lines(
         .flat_map(|(_, p)| p.iter().map(|q| q.1))
         .filter(|v| v.is_finite())
         .fold(0.0, f64::max);
-    let (mut s, ytop, pw) = frame(title, "seconds since mm-server started", ylabel, xmax, ymax);
+    let (mut s, ytop, pw) = frame(
+        title,
+        "seconds since the demo's server started serving",
+        ylabel,
+        xmax,
+        ymax,
+    );
     let ph = H - M.2 - M.3;
     let x = |t: f64| M.0 + if xmax > 0.0 { t / xmax * pw } else { 0.0 };
     let y = |v: f64| M.2 + ph - v / ytop * ph;
@@ -341,7 +357,7 @@ pub fn write(console: &Path, out_dir: &Path) -> Result<PathBuf> {
             .collect();
         charts.push(bars(
             "What each 4 KiB page costs on the device (text-like vs random pages)",
-            "measured size (device granules of 64 B)",
+            "measured size, bytes (whole 64-byte device granules)",
             "pages",
             &cats,
             &halves,
@@ -351,11 +367,18 @@ pub fn write(console: &Path, out_dir: &Path) -> Result<PathBuf> {
         let cats: Vec<String> = d
             .ping
             .iter()
-            .map(|(ns, _)| format!("{}", ns / 1000))
+            .map(|&(ns, _)| {
+                if ns < 10_000 {
+                    format!("{:.1}", ns as f64 / 1e3)
+                } else {
+                    format!("{}", ns / 1000)
+                }
+            })
             .collect();
         let counts: Vec<f64> = d.ping.iter().map(|&(_, c)| c as f64).collect();
+        let total: u64 = d.ping.iter().map(|&(_, c)| c).sum();
         charts.push(bars(
-            "Upcall round trip: 10,000 PINGs from kernel threads (TCG)",
+            &format!("Upcall round trip: {total} PINGs from kernel threads (TCG)"),
             "round trip, µs (bucket's lower bound)",
             "upcalls",
             &cats,
@@ -375,6 +398,13 @@ pub fn write(console: &Path, out_dir: &Path) -> Result<PathBuf> {
     html.push_str("<h2>Charts</h2>\n");
     for c in &charts {
         html.push_str(c);
+    }
+    if d.skipped > 0 {
+        let _ = writeln!(
+            html,
+            "<p>{} report line(s) of the console could not be read and were left out.</p>",
+            d.skipped
+        );
     }
     html.push_str("<h2>What the demo printed</h2>\n<ul>\n");
     for l in &d.lines {
@@ -420,6 +450,12 @@ mod tests {
         // The fenced-fault series starts at 0 (cumulative from the first sample).
         assert!(html.contains("fenced by the kernel"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_garbled_report_line_is_skipped() {
+        let d = parse("report: sample 0 1 2 3 4 5\nreport: sample 10 [  5.1] x\n").unwrap();
+        assert_eq!((d.samples.len(), d.skipped), (1, 1));
     }
 
     #[test]

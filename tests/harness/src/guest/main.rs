@@ -164,7 +164,7 @@ fn expected_anomalies(scenario: &str) -> &'static [&'static str] {
         // fail, and the fault copies the page instead (seen once in three
         // runs).  Before the storm a kernel worker promotes the folios of
         // NUMA hint faults while the task may write them (seen once in a
-        // CI run); server-e2e allows one per thousand write faults there
+        // CI run); server-e2e allows one per 10,000 write faults there
         // and prints both counters per phase.
         "server-e2e" => &["promote_failed", "copied_after_failed_promotion"],
         // Its evictions (PROMOTE_PFN) race with the workload's writes to

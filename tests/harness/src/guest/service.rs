@@ -5,11 +5,19 @@
 //! (`target/package/mm-upcall_<version>_amd64`, which `cargo xtask
 //! package` lays out and the suite builds first): the group of the
 //! sysusers file, the settings of its tmpfiles and sysctl files, the
-//! `RuntimeDirectory`, `ExecStartPre`, then `ExecStart`
-//! as a `Type=notify` service with `KillSignal` to stop it.  The unit's
-//! paths (`/usr/sbin/mm-server`, `/etc/mm-server.toml`) are read in the
-//! tree.  The packaged configuration is used as it is, on node 1 of the
-//! test bed.
+//! `RuntimeDirectory`, `ExecStartPre`, then `ExecStart` as a `Type=notify`
+//! service under the unit's `CapabilityBoundingSet`, `NoNewPrivileges` and
+//! `LimitMEMLOCK`, stopped with its `KillSignal` within its
+//! `TimeoutStopSec`.  The unit's paths (`/usr/sbin/mm-server`,
+//! `/etc/mm-server.toml`) are read in the tree.  The packaged
+//! configuration is used as it is, on node 1 of the test bed.
+//!
+//! Not applied here: the unit's file-system and namespace sandbox
+//! (`ProtectSystem`, `PrivateNetwork`, `PrivateTmp`, `RestrictNamespaces`
+//! and the like), which `systemd-analyze verify` checks on the host
+//! (`cargo xtask package`), and the maintainer scripts.
+
+#![allow(unsafe_code)]
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -24,6 +32,58 @@ use crate::sys::{self, Anon, PAGE_SIZE, ensure};
 
 /// `nobody`.
 const NOBODY: u32 = 65534;
+
+/// The highest capability number (`CAP_CHECKPOINT_RESTORE`).
+const CAP_LAST_CAP: u32 = 40;
+
+/// A capability's number, from its name in `capabilities(7)`.
+fn cap_number(name: &str) -> Option<u32> {
+    const NAMES: [&str; 41] = [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ];
+    let n = name.strip_prefix("CAP_")?;
+    NAMES.iter().position(|c| *c == n).map(|i| i as u32)
+}
 
 /// The `[Service]` settings of a unit file, in order.
 fn service_section(unit: &str) -> Vec<(String, String)> {
@@ -186,7 +246,53 @@ pub fn service() -> Result<()> {
         ))
     };
     let (admin, client) = (path_of("admin_socket")?, path_of("client_socket")?);
-    let srv = MmServer::launch("service", command("ExecStart")?, admin, client.clone())?;
+    // What systemd applies to the main process.
+    let keep: Vec<u32> = get("CapabilityBoundingSet")
+        .context("the unit has no CapabilityBoundingSet")?
+        .split_whitespace()
+        .map(|c| cap_number(c).with_context(|| format!("unknown capability {c}")))
+        .collect::<Result<_>>()?;
+    let no_new_privs = get("NoNewPrivileges") == Some("yes");
+    ensure(get("LimitMEMLOCK") == Some("infinity"), || {
+        "the unit does not lift LimitMEMLOCK (mm-server locks its memory)".into()
+    })?;
+    let start = || -> Result<MmServer> {
+        let mut exec = command("ExecStart")?;
+        let keep = keep.clone();
+        // SAFETY: between fork and exec only prctl(2) and setrlimit(2),
+        // async-signal-safe system calls on this process's own state.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            exec.pre_exec(move || {
+                for cap in 0..=CAP_LAST_CAP {
+                    if !keep.contains(&cap)
+                        && libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0)
+                            != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let inf = libc::rlimit {
+                    rlim_cur: libc::RLIM_INFINITY,
+                    rlim_max: libc::RLIM_INFINITY,
+                };
+                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        MmServer::launch("service", exec, admin.clone(), client.clone())
+    };
+    let srv = start()?;
+    let caps = std::fs::read_to_string(format!("/proc/{}/status", srv.pid()))?
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string()))
+        .context("CapEff")?;
+    println!("service: mm-server runs with CapEff {caps} (the unit's bounding set)");
 
     let meta = std::fs::metadata(&client)?;
     ensure(meta.mode() & 0o777 == 0o660 && meta.gid() == gid, || {
@@ -226,7 +332,57 @@ pub fn service() -> Result<()> {
         format!("the user outside mm-upcall was not refused: {outsider}")
     })?;
 
+    // systemctl restart: the unit's RestartKillSignal stops the server
+    // and leaves node 1 managed, with its pages, for the next one (a
+    // package upgrade restarts it so).
+    ensure(get("RestartKillSignal") == Some("SIGUSR2"), || {
+        "the unit's RestartKillSignal is not SIGUSR2 (restart without a drain)".into()
+    })?;
+    let len = 4 << 20;
+    let mut mem = Anon::new(len)?;
+    fill(mem.as_mut_slice(), 0x5f, Content::Random);
+    let mut c = Client::connect_to(&client)?;
+    until_moved((len / PAGE_SIZE) as u64, || {
+        c.advise(mem.addr(), len, Advice::Cold)
+    })?;
+    drop(c);
+    let before = crate::managed::where_are(&mem)?.1;
+    let log = srv.stop_with(libc::SIGUSR2)?;
+    let after = crate::managed::where_are(&mem)?.1;
+    println!(
+        "service: restart: {before} pages on node 1 before SIGUSR2, {after} after the server \
+         stopped"
+    );
+    ensure(
+        log.contains("left managed") && after == before && before > 0,
+        || {
+            format!(
+                "SIGUSR2 did not leave node 1 managed with its {before} pages ({after} left there)"
+            )
+        },
+    )?;
+    let srv = start()?;
+    let (books, truth) = srv.settle("after the restart")?;
+    ensure(books == truth && books.0 >= before as u64, || {
+        format!("the restarted server's books {books:?} differ from /proc/kpageflags {truth:?}")
+    })?;
+    println!(
+        "service: the restarted server adopted node 1: {} pages in its books = /proc/kpageflags",
+        books.0
+    );
+
+    let timeout: u64 = get("TimeoutStopSec")
+        .context("the unit has no TimeoutStopSec")?
+        .parse()
+        .context("TimeoutStopSec in seconds")?;
+    let t = std::time::Instant::now();
     let log = srv.stop()?;
+    // Past it, systemd would SIGKILL the drain.
+    let took = t.elapsed().as_secs_f64();
+    println!("service: stopped in {took:.1} s (TimeoutStopSec {timeout} s)");
+    ensure(took < timeout as f64, || {
+        format!("the drain took {took:.0} s, past the unit's TimeoutStopSec of {timeout} s")
+    })?;
     ensure(log.contains("detached"), || {
         "mm-server did not detach node 1 on the unit's KillSignal".into()
     })?;
@@ -234,6 +390,12 @@ pub fn service() -> Result<()> {
     ensure(code == 4, || {
         format!("mmctl status after the stop exited {code}, not 4 (no server)")
     })?;
+    ensure(
+        crate::managed::where_are(&mem)?.1 == 0
+            && check(mem.as_slice(), 0x5f, Content::Random).is_none(),
+        || "after the drain, pages are left on node 1 or the data changed".into(),
+    )?;
+    println!("service: the drain moved all {before} pages back to node 0, data intact");
     Ok(())
 }
 
@@ -241,7 +403,8 @@ pub fn service() -> Result<()> {
 pub fn helper(args: &[String]) -> Result<()> {
     match args {
         [what, sock, gid] if what == "member" => {
-            sys::drop_to(NOBODY, gid.parse()?, &[])?;
+            // nobody, with mm-upcall as a supplementary group.
+            sys::drop_to_in(NOBODY, NOBODY, &[gid.parse()?], &[])?;
             let len = 4 << 20;
             let mut mem = Anon::new(len)?;
             fill(mem.as_mut_slice(), 0x5e, Content::Compressible);

@@ -373,6 +373,12 @@ pub const CAP_SYS_NICE: u32 = 23;
 /// Become uid `uid` and gid `gid` with no supplementary groups, keeping
 /// only the capabilities `keep` (effective and permitted).
 pub fn drop_to(uid: u32, gid: u32, keep: &[u32]) -> Result<()> {
+    drop_to_in(uid, gid, &[], keep)
+}
+
+/// As [`drop_to`], with the supplementary groups `groups` (a user a group
+/// was added to, as `adduser alice mm-upcall` does).
+pub fn drop_to_in(uid: u32, gid: u32, groups: &[u32], keep: &[u32]) -> Result<()> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -406,7 +412,7 @@ pub fn drop_to(uid: u32, gid: u32, keep: &[u32]) -> Result<()> {
     // reads a header and two data records that live across the call.
     unsafe {
         if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0
-            || libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgroups(groups.len(), groups.as_ptr()) != 0
             || libc::setresgid(gid, gid, gid) != 0
             || libc::setresuid(uid, uid, uid) != 0
             || libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) != 0

@@ -553,7 +553,7 @@ pub fn e2e() -> Result<()> {
     );
     let (failed_n, copied_n) = (failed.0 - failed0.0, failed.1 - failed0.1);
     println!(
-        "server-e2e: before the storm: {promoted} pages left node 1 promoted for {faults} fenced \
+        "server-e2e: before the storm: {promoted} pages promoted off node 1 for {faults} fenced \
          write faults (so {others} or more by other movers: NUMA hint faults, promoted by a \
          kernel worker, and the {evicted} evictions), {moved} placed by migration inside node \
          1, {refused} evictions refused; promote_failed +{failed_n}, \

@@ -107,6 +107,8 @@ pub struct Costed {
     pub bytes: u32,
     /// Seconds since it arrived (up to [`MAX_AGE_S`]).
     pub age_s: u32,
+    /// Its eviction is queued or in flight (set by the core, which knows).
+    pub pending: bool,
 }
 
 /// The compressed size of a page as the device would store it: 0 for an
@@ -902,6 +904,7 @@ impl NodeAccount {
                             worst
                         },
                         age_s: self.age_of(m).min(MAX_AGE_S),
+                        pending: false,
                     });
                 }
             }

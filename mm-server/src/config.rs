@@ -105,7 +105,7 @@ pub enum ConfigError {
     #[error("{path} is not a character device; set server.device to /dev/mm_upcall")]
     NotADevice { path: PathBuf },
     #[error(
-        "[[tenant]] #{index}: cgroup {path} must be an absolute path under the cgroup2 mount \
+        "[[tenant]] #{index}: cgroup {path} must be an absolute path below the cgroup2 mount \
          (/sys/fs/cgroup/...)"
     )]
     TenantPath { index: usize, path: PathBuf },
@@ -117,6 +117,11 @@ pub enum ConfigError {
         "[[tenant]] {path} is not a cgroup directory; create it (mkdir) before the server starts"
     )]
     MissingTenant { path: PathBuf },
+    #[error(
+        "[[tenant]] {path} has no memory controller (no memory.current), so its pages are \
+         charged to an ancestor; enable it: echo +memory > {parent}/cgroup.subtree_control"
+    )]
+    TenantNoMemcg { path: PathBuf, parent: PathBuf },
 }
 
 fn default_device() -> PathBuf {
@@ -311,14 +316,20 @@ pub struct TenantSection {
 
 impl TenantSection {
     /// Its name in metrics and logs: the cgroup's path below the cgroup2
-    /// mount (`batch/job1`).
+    /// mount (`batch/job1`), however the path was written.
     pub fn name(&self) -> String {
-        let p = self.cgroup.to_string_lossy();
-        p.strip_prefix(CGROUP_ROOT)
-            .map(|r| r.trim_start_matches('/'))
-            .filter(|r| !r.is_empty())
-            .unwrap_or(&p)
-            .to_string()
+        let rel = self
+            .cgroup
+            .strip_prefix(CGROUP_ROOT)
+            .unwrap_or(&self.cgroup);
+        let parts: Vec<String> = rel
+            .components()
+            .filter_map(|c| match c {
+                std::path::Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+                _ => None,
+            })
+            .collect();
+        parts.join("/")
     }
 }
 
@@ -412,7 +423,9 @@ impl Config {
         }
         for (index, t) in self.tenant.iter().enumerate() {
             let p = &t.cgroup;
+            // Below the mount: the root cgroup has no memory.max of its own.
             if !p.starts_with(CGROUP_ROOT)
+                || t.name().is_empty()
                 || p.components()
                     .any(|c| matches!(c, std::path::Component::ParentDir))
             {
@@ -469,6 +482,18 @@ impl Config {
             if !t.cgroup.join("cgroup.procs").exists() {
                 return Err(ConfigError::MissingTenant {
                     path: t.cgroup.clone(),
+                });
+            }
+            // /proc/kpagecgroup names the memory cgroup a page is charged
+            // to: without a controller of its own, that is an ancestor.
+            if !t.cgroup.join("memory.current").exists() {
+                return Err(ConfigError::TenantNoMemcg {
+                    path: t.cgroup.clone(),
+                    parent: t
+                        .cgroup
+                        .parent()
+                        .unwrap_or(Path::new(CGROUP_ROOT))
+                        .to_path_buf(),
                 });
             }
         }

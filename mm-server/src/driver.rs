@@ -614,12 +614,21 @@ impl Driver {
                 }
                 match token {
                     STOP_TOKEN => {
-                        let count = crate::sys::drain_signals(&self.stop);
-                        if self.keep_nodes.load(std::sync::atomic::Ordering::Relaxed) {
-                            self.core.keep_nodes_on_stop();
-                        }
+                        let mut count = crate::sys::drain_signals(&self.stop).max(1);
                         let now = self.now();
-                        self.core.signal(count.max(1), now);
+                        if self
+                            .keep_nodes
+                            .swap(false, std::sync::atomic::Ordering::AcqRel)
+                        {
+                            // SIGUSR2: a stop that keeps the nodes, and
+                            // never the second signal that hurries a drain.
+                            let serving = self.core.serving();
+                            self.core.keep_nodes_on_stop();
+                            count = count - 1 + u64::from(serving);
+                        }
+                        if count > 0 {
+                            self.core.signal(count, now);
+                        }
                         self.t.watch(self.stop.as_fd(), STOP_TOKEN)?;
                     }
                     REQUESTS_TOKEN => {

@@ -79,8 +79,6 @@ pub struct Pass {
     /// Per tenant, its oldest pages not queued, (age, pfn, nid, bytes),
     /// the youngest on top, at most [`MAX_CANDIDATES`].
     oldest: Vec<BinaryHeap<Reverse<Candidate>>>,
-    /// Queued pages seen in the pass (the others' evictions are done).
-    seen_queued: HashSet<(u16, u64)>,
 }
 
 impl Pass {
@@ -89,16 +87,13 @@ impl Pass {
             usage: vec![Usage::default(); tenants],
             queued_bytes: vec![0; tenants],
             oldest: (0..tenants).map(|_| BinaryHeap::new()).collect(),
-            seen_queued: HashSet::new(),
         }
     }
 
-    /// Count a page of node `nid` for `tenants`; `queued`: its eviction is
-    /// asked for already.
-    pub fn add(&mut self, nid: u16, page: Costed, tenants: &[usize], queued: bool) {
-        if queued {
-            self.seen_queued.insert((nid, page.pfn));
-        }
+    /// Count a page of node `nid` for `tenants` (one whose eviction is
+    /// pending counts as gone, and is not chosen again).
+    pub fn add(&mut self, nid: u16, page: Costed, tenants: &[usize]) {
+        let queued = page.pending;
         for &t in tenants {
             self.usage[t].bytes += u64::from(page.bytes);
             self.usage[t].pages += 1;
@@ -228,7 +223,6 @@ struct State {
     /// Where the walk is: an index into the managed nodes, and a pfn.
     at: (usize, u64),
     pass: Pass,
-    queued: HashSet<(u16, u64)>,
     evicted: Vec<u64>,
     episodes: Vec<u64>,
     over: Vec<bool>,
@@ -256,8 +250,7 @@ fn period(core: &CoreHandle, st: &mut State) -> std::io::Result<Option<String>> 
         let cgroups = page_cgroups(&pfns)?;
         for (page, ino) in pages.into_iter().zip(cgroups) {
             if let Some(ts) = st.owner.get(&ino) {
-                let queued = st.queued.contains(&(nid, page.pfn));
-                st.pass.add(nid, page, ts, queued);
+                st.pass.add(nid, page, ts);
             }
         }
         st.at = match next {
@@ -273,8 +266,6 @@ fn end_pass(core: &CoreHandle, st: &mut State) -> std::io::Result<String> {
     let pass = std::mem::replace(&mut st.pass, Pass::new(st.tenants.len()));
     st.at = (0, 0);
     st.owner = owners(&st.tenants);
-    // A queued eviction whose page the pass did not see again is done.
-    st.queued.retain(|k| pass.seen_queued.contains(k));
     let limits: Vec<u64> = st.tenants.iter().map(|t| t.limit_bytes).collect();
     let plan = plan(&pass, &limits);
     for (i, t) in st.tenants.iter().enumerate() {
@@ -297,11 +288,14 @@ fn end_pass(core: &CoreHandle, st: &mut State) -> std::io::Result<String> {
     let mut by_node: HashMap<u16, Vec<u64>> = HashMap::new();
     for &(nid, pfn) in &plan.evict {
         by_node.entry(nid).or_default().push(pfn);
-        st.queued.insert((nid, pfn));
     }
+    // Each node's request on its own: one refused or unanswered leaves
+    // the others queued, and its pages are chosen again next pass.
     for (nid, pfns) in by_node {
-        if let Err(e) = core.evict(nid, pfns)? {
-            tracing::warn!(nid, "tenant eviction refused: {e:?}");
+        match core.evict(nid, pfns) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(nid, "tenant eviction refused: {e:?}"),
+            Err(e) => tracing::warn!(nid, "tenant eviction not queued: {e}"),
         }
     }
     Ok(render(st, &pass.usage))
@@ -333,9 +327,9 @@ fn render(st: &State, usage: &[Usage]) -> String {
             &|i| st.tenants[i].limit_bytes,
         ),
         (
-            "tenant_evicted_pages_total",
+            "tenant_evictions_queued_total",
             "counter",
-            "Pages evicted because the tenant was over its limit.",
+            "Pages queued for eviction because the tenant was over its limit.",
             &|i| st.evicted[i],
         ),
         (
@@ -354,7 +348,10 @@ fn render(st: &State, usage: &[Usage]) -> String {
             let _ = writeln!(
                 s,
                 "mm_server_{name}{{tenant=\"{}\"}} {}",
-                t.name.replace('\\', "\\\\").replace('"', "\\\""),
+                t.name
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n"),
                 value(i)
             );
         }
@@ -378,11 +375,14 @@ pub fn spawn(tenants: Vec<Tenant>, core: CoreHandle, out: Published) -> std::io:
         tenants,
         at: (0, 0),
         pass: Pass::new(n),
-        queued: HashSet::new(),
         evicted: vec![0; n],
         episodes: vec![0; n],
         over: vec![false; n],
     };
+    // The families are there from the start, at zero until a pass ends.
+    *out.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+        render(&st, &vec![Usage::default(); n]);
     std::thread::Builder::new()
         .name("tenants".into())
         .spawn(move || {
@@ -421,7 +421,17 @@ mod tests {
     fn pass(tenants: usize, pages: &[Page<'_>], queued: &[u64]) -> Pass {
         let mut p = Pass::new(tenants);
         for &(pfn, bytes, age_s, ts) in pages {
-            p.add(1, Costed { pfn, bytes, age_s }, ts, queued.contains(&pfn));
+            let pending = queued.contains(&pfn);
+            p.add(
+                1,
+                Costed {
+                    pfn,
+                    bytes,
+                    age_s,
+                    pending,
+                },
+                ts,
+            );
         }
         p
     }
@@ -493,8 +503,9 @@ mod tests {
                 pfn: i,
                 bytes: 64,
                 age_s: (i % 1000) as u32,
+                pending: false,
             };
-            p.add(1, page, &[0], false);
+            p.add(1, page, &[0]);
         }
         assert_eq!(p.oldest[0].len(), MAX_CANDIDATES);
         assert_eq!(p.usage[0].pages, MAX_CANDIDATES as u64 + 10);

@@ -207,12 +207,17 @@ fn tenants_are_checked_and_each_error_says_what_to_fix() {
     fails_with(
         "tenant-path",
         &tenant("cgroup = \"/tmp/batch\"\nmax_mib = 8"),
-        "must be an absolute path under the cgroup2 mount",
+        "must be an absolute path below the cgroup2 mount",
     );
     fails_with(
         "tenant-dotdot",
         &tenant("cgroup = \"/sys/fs/cgroup/../../etc\"\nmax_mib = 8"),
-        "must be an absolute path under the cgroup2 mount",
+        "must be an absolute path below the cgroup2 mount",
+    );
+    fails_with(
+        "tenant-root",
+        &tenant("cgroup = \"/sys/fs/cgroup/\"\nmax_mib = 8"),
+        "must be an absolute path below the cgroup2 mount",
     );
     fails_with(
         "tenant-zero",

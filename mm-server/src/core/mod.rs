@@ -23,7 +23,7 @@
 
 mod node;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use mm_upcall_proto::control::{Control, Standing};
 use mm_upcall_proto::event::{Event, PlaceReason};
@@ -599,9 +599,30 @@ impl Core {
         from_pfn: u64,
         max: usize,
     ) -> (Vec<crate::capacity::Costed>, Option<u64>) {
-        self.node_index(nid)
-            .map(|i| self.nodes[i].account.costed(from_pfn, max))
-            .unwrap_or_default()
+        let Some(i) = self.node_index(nid) else {
+            return Default::default();
+        };
+        let n = &self.nodes[i];
+        let (mut pages, next) = n.account.costed(from_pfn, max);
+        // Evictions queued or in flight, for the caller not to ask again
+        // (a refused one is not pending: it may be asked for again).
+        if !n.evicting.is_empty() || !n.evict_queue.is_empty() {
+            let pending: HashSet<u64> = n
+                .evicting
+                .iter()
+                .chain(n.evict_queue.iter())
+                .copied()
+                .collect();
+            for p in &mut pages {
+                p.pending = pending.contains(&p.pfn);
+            }
+        }
+        (pages, next)
+    }
+
+    /// Whether the server still serves (no stop signal yet).
+    pub fn serving(&self) -> bool {
+        matches!(self.phase, Phase::Serving)
     }
 
     /// Queue `pfns` of node `nid` for eviction (PROMOTE_PFN to the fast

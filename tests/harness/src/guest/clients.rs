@@ -734,7 +734,7 @@ pub fn tenant_limit() -> Result<()> {
     let mut used = f64::NAN;
     for _ in 0..60 {
         used = metric("tenant_used_bytes", "tenant-a")?;
-        if used <= limit && metric("tenant_evicted_pages_total", "tenant-a")? > 0.0 {
+        if used <= limit && metric("tenant_evictions_queued_total", "tenant-a")? > 0.0 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
@@ -742,13 +742,13 @@ pub fn tenant_limit() -> Result<()> {
     let on1_a = crate::managed::where_are(&mem_a)?.1;
     let on1_b = crate::managed::where_are(&mem_b)?.1;
     let (evicted_a, evicted_b) = (
-        metric("tenant_evicted_pages_total", "tenant-a")?,
-        metric("tenant_evicted_pages_total", "tenant-b")?,
+        metric("tenant_evictions_queued_total", "tenant-a")?,
+        metric("tenant_evictions_queued_total", "tenant-b")?,
     );
     println!(
         "tenant-limit: tenant-a: {on1_a} pages left on node 1, costing {used} bytes (limit {}), \
-         {evicted_a} evicted, over its limit {} time(s); tenant-b: {on1_b} of {n_b} pages on node \
-         1, {evicted_b} evicted",
+         {evicted_a} queued for eviction, over its limit {} time(s); tenant-b: {on1_b} of {n_b} pages on node \
+         1, {evicted_b} queued",
         limit,
         metric("tenant_over_limit_total", "tenant-a")?
     );

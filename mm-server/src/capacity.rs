@@ -99,7 +99,7 @@ impl Geometry {
     }
 }
 
-/// A resident page and what it costs: [`Account::costed`].
+/// A resident page and what it costs: [`NodeAccount::costed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Costed {
     pub pfn: u64,

@@ -354,14 +354,21 @@ fn advise_others(nice: bool, pid: u32, addr: u64, root_pid: u32, root_addr: u64)
 /// stdout (printed).
 fn mmctl(name: &str, args: &[&str]) -> Result<(i32, String)> {
     let bin = std::env::current_exe()?.with_file_name("mmctl");
-    let o = Command::new(&bin)
-        .arg("--socket")
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--socket")
         .arg(format!("/tmp/{name}-client.sock"))
         .arg("--admin-socket")
-        .arg(format!("/tmp/{name}.sock"))
+        .arg(format!("/tmp/{name}.sock"));
+    run_mmctl(name, cmd, args)
+}
+
+/// Run mmctl (`cmd`, with its socket options) with `args`, its output
+/// printed under `name`; (exit code, stdout).
+pub fn run_mmctl(name: &str, mut cmd: Command, args: &[&str]) -> Result<(i32, String)> {
+    let o = cmd
         .args(args)
         .output()
-        .with_context(|| format!("cannot run {}", bin.display()))?;
+        .with_context(|| format!("cannot run {}", cmd.get_program().to_string_lossy()))?;
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     for l in out
         .lines()

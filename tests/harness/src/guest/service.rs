@@ -116,19 +116,7 @@ fn free_gid(groups: &str) -> u32 {
 
 /// The package's mmctl, on the default sockets; (exit code, stdout).
 fn mmctl(tree: &Path, args: &[&str]) -> Result<(i32, String)> {
-    let bin = tree.join("usr/bin/mmctl");
-    let o = Command::new(&bin)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {}", bin.display()))?;
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    for l in out
-        .lines()
-        .chain(String::from_utf8_lossy(&o.stderr).lines())
-    {
-        println!("service: mmctl {}: {l}", args.join(" "));
-    }
-    Ok((o.status.code().unwrap_or(-1), out))
+    crate::clients::run_mmctl("service", Command::new(tree.join("usr/bin/mmctl")), args)
 }
 
 pub fn service() -> Result<()> {
